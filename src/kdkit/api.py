@@ -1,0 +1,149 @@
+"""The Python API behind the CLI: train from a config, distill without one, evaluate, inspect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, RunConfig, RuntimeConfig, ScheduleConfig, load_config
+from .registry import REGISTRIES, Registry
+
+
+def registries() -> dict[str, Registry]:
+    """Every registry, with all built-in entries registered."""
+    from . import data, models, terms  # noqa: F401 - importing registers
+
+    return REGISTRIES
+
+
+def train_from_config(
+    config: str | Path | RunConfig,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Build and run a config (a YAML path or a :class:`RunConfig`); returns the run summary.
+
+    ``modules`` may hold a ready ``"student"`` and/or ``"teacher"`` used instead of building them.
+    """
+    from .engine.build import build_run
+
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    built = build_run(config, Path(run_dir) if run_dir else None, callbacks, modules)
+    try:
+        return built.trainer.fit(resume=resume)
+    finally:
+        built.trainer.distiller.release_taps()
+
+
+def _model_name(model: str | nn.Module) -> str:
+    """Config name of a model given by name, or ``module:<Class>`` for a module built by the caller."""
+    return model if isinstance(model, str) else f"module:{type(model).__name__}"
+
+
+def distill(
+    student: str | nn.Module,
+    teacher: str | nn.Module | None,
+    *,
+    data: str = "embedded",
+    data_params: Mapping[str, Any] | None = None,
+    terms: Mapping[str, float | tuple[float, Mapping[str, Any]]] = {"ce": 1.0, "kd": 1.0},
+    teacher_weights: str | Path | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    optimizer: OptimizerConfig | None = None,
+    schedule: ScheduleConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    name: str = "distill",
+) -> dict[str, Any]:
+    """Distill ``teacher`` into ``student`` in one stage, without a config file.
+
+    ``student``/``teacher`` are model names (zoo, ``torchvision:``, ``timm:``) or modules; ``terms`` maps
+    term names to a weight or to ``(weight, constructor arguments)``. Returns the run summary; the run
+    directory (``runtime.out_dir/name``) holds the exported student, plots and ``report.md``.
+    """
+    term_list = []
+    for term_name, value in terms.items():
+        weight, params = (value, {}) if isinstance(value, (int, float)) else (value[0], dict(value[1]))
+        term_list.append({"name": term_name, "weight": weight, **params})
+    config = {
+        "name": name,
+        "data": {"name": data, "params": dict(data_params or {}), "batch_size": batch_size},
+        "student": {"name": _model_name(student)},
+        "terms": term_list,
+        "stages": [
+            {
+                "epochs": epochs,
+                "optimizer": (optimizer or OptimizerConfig()).model_dump(),
+                "schedule": (schedule or ScheduleConfig(name="cosine")).model_dump(),
+            }
+        ],
+        "runtime": (runtime or RuntimeConfig()).model_dump(),
+    }
+    if teacher is not None:
+        config["teacher"] = {"name": _model_name(teacher), "weights": teacher_weights}
+    modules = {role: m for role, m in (("student", student), ("teacher", teacher)) if isinstance(m, nn.Module)}
+    return train_from_config(load_config(base=config), modules=modules)
+
+
+def evaluate_student(
+    run: str | Path, data: str | None = None, split: str | None = None, overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """Top-1/top-5/loss of an exported student on a dataset split (default: its run's eval split)."""
+    from .data import build_dataset
+    from .deploy.export import load_student
+    from .engine.batches import Batches
+    from .engine.distributed import DistInfo, resolve_device
+    from .engine.evaluate import evaluate
+    from .data.augment import BatchAugment
+
+    run = Path(run)
+    model, spec = load_student(run)
+    run_dir = run if run.is_dir() else run.parent
+    config_path = run_dir / "config.yaml"
+    base = load_config(config_path, overrides) if config_path.is_file() else None
+    data_config = base.data if base is not None else None
+    name = data or (data_config.name if data_config else "embedded")
+    params = {**data_config.params, **data_config.eval_params} if data_config and data is None else {}
+    dataset = build_dataset(name, split or (data_config.eval_split if data_config else "test"),
+                            root=data_config.root if data_config and data is None else None, **params)
+    device = resolve_device("auto")
+    model.to(device)
+    augment = BatchAugment(0, False, spec.mean, spec.std)
+    batches = Batches(dataset, 256, DistInfo(), train=False)
+    return evaluate(model, batches, lambda x: augment.normalize(x.to(device)), spec.num_classes, device)
+
+
+def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Build a run without training: tap shapes, connectors, parameter counts, module shapes."""
+    from .engine.build import build_run
+    from .taps import module_shapes
+
+    config = load_config(path, overrides)
+    built = build_run(config, callbacks=[])
+    distiller = built.trainer.distiller
+    sample = built.trainer.prepare_eval(torch.stack([built.trainer.stages[0].eval_data[i][0] for i in range(2)]))
+    report: dict[str, Any] = {"connectors": []}
+    roles = [("student", distiller.student, config.student.name)]
+    if distiller.teacher is not None and config.teacher is not None:
+        roles.insert(0, ("teacher", distiller.teacher, config.teacher.name))
+    for role, model, name in roles:
+        report[role] = {
+            "name": name,
+            "params": sum(p.numel() for p in model.parameters()),
+            "taps": built.shapes.get(role, {}),
+            "modules": module_shapes(model, sample, depth=1),
+        }
+    for key, term in distiller.terms.items():
+        for child_name, child in term.named_children():
+            n = sum(p.numel() for p in child.parameters())
+            report["connectors"].append(f"connector {key}.{child_name}: {child} ({n} params)")
+    distiller.release_taps()
+    return report

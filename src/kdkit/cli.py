@@ -1,0 +1,157 @@
+"""The ``kdkit`` command: demo, train, eval, inspect, compare, list.
+
+User errors (:class:`~kdkit.errors.KdkitError`) print one line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import KdkitError
+
+app = typer.Typer(
+    help="kdkit: knowledge distillation for computer vision. Start with `kdkit demo --quick`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config value: a.b.0.c=value")]
+
+
+def user_errors(command):
+    """Turn KdkitError into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KdkitError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+@app.command("list")
+@user_errors
+def list_registered(kind: Annotated[str | None, typer.Argument(help="models, datasets, terms or refiners")] = None):
+    """List registered models, datasets, terms and refiners with one-line descriptions."""
+    from .api import registries
+    from .registry import did_you_mean
+
+    found = registries()
+    if kind is not None and kind not in found:
+        raise KdkitError(f"unknown kind '{kind}'{did_you_mean(kind, list(found))}")
+    for name, registry in found.items():
+        if kind is not None and name != kind:
+            continue
+        table = Table(title=f"{name} ({len(registry)})", title_justify="left", show_header=False, box=None)
+        for entry in registry.entries():
+            table.add_row(f"[bold]{entry.name}[/]", entry.description)
+        console.print(table)
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config")] = None,
+    set_: SetOption = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: runtime.out_dir/name)")] = None,
+):
+    """Train (or distill) a student as the config says; `--resume RUN_DIR` continues a stopped run."""
+    from .api import train_from_config
+
+    if resume is not None:
+        if config is not None:
+            raise KdkitError("give either a CONFIG or --resume RUN_DIR, not both (the run keeps its config)")
+        config_path = resume / "config.yaml"
+        if not config_path.is_file():
+            raise KdkitError(f"{resume} holds no config.yaml: not a kdkit run directory")
+        summary = train_from_config(config_path, set_ or [], run_dir=resume, resume=True)
+    else:
+        if config is None:
+            raise KdkitError("give a CONFIG file (see configs/) or --resume RUN_DIR")
+        summary = train_from_config(config, set_ or [], run_dir=out)
+    if summary.get("best_top1") is not None:
+        console.print(f"best top-1 {summary['best_top1']:.2f}%  last top-1 {summary['last_top1']:.2f}%")
+
+
+@app.command("eval")
+@user_errors
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="run directory or exported student.safetensors")],
+    data: Annotated[str | None, typer.Option(help="dataset name (default: the run's)")] = None,
+    split: Annotated[str | None, typer.Option(help="split (default: the run's eval split)")] = None,
+    set_: SetOption = None,
+):
+    """Evaluate an exported student on a dataset split (top-1, top-5, loss)."""
+    from .api import evaluate_student
+
+    result = evaluate_student(run, data=data, split=split, overrides=set_ or [])
+    console.print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+
+
+@app.command()
+@user_errors
+def inspect(config: Annotated[Path, typer.Argument(help="YAML config")], set_: SetOption = None):
+    """Dry-run one batch: every tap's shape, the connectors built, parameter counts."""
+    from .api import inspect_config
+
+    report = inspect_config(config, set_ or [])
+    for role in ("teacher", "student"):
+        if role not in report:
+            continue
+        info = report[role]
+        table = Table(title=f"{role}: {info['name']} ({info['params'] / 1e6:.2f}M params)", title_justify="left")
+        table.add_column("tap")
+        table.add_column("shape")
+        for key, shape in info["taps"].items():
+            table.add_row(key, str(tuple(shape)))
+        console.print(table)
+    for line in report["connectors"]:
+        console.print(line)
+    table = Table(title="student modules", title_justify="left")
+    for column in ("module", "type", "output shape"):
+        table.add_column(column)
+    for name, kind, shape in report["student"]["modules"]:
+        table.add_row(name, kind, str(shape))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="run directories (seeds of one config are grouped)")],
+    out: Annotated[Path | None, typer.Option(help="also write the table to this Markdown file")] = None,
+):
+    """One table over runs: best/last top-1 as mean ± std over seeds, best and last epoch."""
+    from .report.compare import compare_runs, comparison_table
+
+    table = comparison_table(compare_runs(runs))
+    console.print(table, highlight=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+
+
+@app.command()
+@user_errors
+def demo(
+    quick: Annotated[bool, typer.Option(help="smaller settings: about 2 minutes")] = False,
+    out: Annotated[Path, typer.Option(help="where the demo's runs and report go")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="seed of the students' runs")] = 0,
+):
+    """Embedded data -> teacher -> student alone, KD, DKD -> report.md comparing them."""
+    from .demo import run_demo
+
+    report = run_demo(out, quick=quick, seed=seed)
+    console.print(f"report: {report}")
+

@@ -1,0 +1,1 @@
+"""The training engine: one distiller, a stage-based trainer, checkpoints, evaluation."""

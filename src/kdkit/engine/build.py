@@ -1,0 +1,178 @@
+"""From a validated :class:`~kdkit.config.RunConfig` to live objects: data, models, terms, stages, trainer.
+
+The config is only a view of these constructors; everything here can be built in Python directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import DataConfig, ModelConfig, RunConfig, TermConfig, dump_config
+from ..data import build_dataset
+from ..deploy.export import ModelSpec
+from ..errors import ConfigError
+from ..models import build_model, load_weights
+from ..registry import TERMS
+from .callbacks import Callback, ProgressBar
+from .distiller import Distiller, WeightedTerm
+from .distributed import init_distributed, resolve_device, sync_batchnorm
+from .trainer import Stage, Trainer
+
+
+class DataCache:
+    """Builds each (dataset, split, params) once per run."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+
+    def get(self, data: DataConfig, split: str, params: dict[str, Any]) -> Any:
+        key = json.dumps([data.name, data.root, split, params], sort_keys=True, default=str)
+        if key not in self._built:
+            self._built[key] = build_dataset(data.name, split, root=data.root, **params)
+        return self._built[key]
+
+    def train(self, data: DataConfig) -> Any:
+        return self.get(data, data.train_split, data.params)
+
+    def eval(self, data: DataConfig) -> Any:
+        return self.get(data, data.eval_split, {**data.params, **data.eval_params})
+
+
+def build_network(config: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """A model from its config entry, with weights loaded when given."""
+    try:
+        model = build_model(config.name, num_classes=config.num_classes or num_classes, **config.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{role}.kwargs: {exc}") from None
+    if config.weights is not None:
+        load_weights(model, config.weights)
+    return model
+
+
+def build_terms(terms: list[TermConfig], where: str) -> list[WeightedTerm]:
+    built = []
+    for i, term in enumerate(terms):
+        try:
+            module = TERMS.build(term.name, **term.params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}[{i}] ({term.name}): {exc}") from None
+        built.append(WeightedTerm(term.name, term.weight, module))
+    return built
+
+
+def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec:
+    images = getattr(dataset, "images", None)
+    size = tuple(images.shape[-2:]) if images is not None else None
+    return ModelSpec(
+        model=config.name,
+        num_classes=config.num_classes or num_classes,
+        kwargs=dict(config.kwargs),
+        mean=tuple(dataset.mean),
+        std=tuple(dataset.std),
+        classes=list(dataset.classes),
+        image_size=size,
+    )
+
+
+@dataclass
+class BuiltRun:
+    trainer: Trainer
+    config: RunConfig
+    shapes: dict[str, dict[str, torch.Size]]
+    spec: ModelSpec
+
+
+def run_directory(config: RunConfig) -> Path:
+    return Path(config.runtime.out_dir) / config.name
+
+
+def build_run(
+    config: RunConfig,
+    run_dir: Path | None = None,
+    callbacks: list[Callback] | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> BuiltRun:
+    """Build data, models, terms and the trainer of a run (joining a torchrun process group if any).
+
+    ``modules`` may hold a ready ``"student"``/``"teacher"`` to use instead of building from the config.
+    """
+    modules = dict(modules or {})
+    runtime = config.runtime
+    device = resolve_device(runtime.device)
+    info = init_distributed(device)
+    if runtime.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(runtime.seed)
+    cache = DataCache()
+    first = cache.train(config.data)
+    num_classes = first.num_classes
+    student = modules.get("student") or build_network(config.student, num_classes, "student")
+    teacher = None
+    if config.teacher is not None:
+        teacher = modules.get("teacher") or build_network(config.teacher, num_classes, "teacher")
+        if "teacher" in modules and config.teacher.weights is not None:
+            load_weights(teacher, config.teacher.weights)
+    stage_terms = [build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)]
+    if info.active and runtime.sync_batchnorm:
+        student = sync_batchnorm(student, device)
+    distiller = Distiller(student, teacher, stage_terms)
+    distiller.to(device)
+    if runtime.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    stages = []
+    for i, stage in enumerate(config.stages):
+        data = config.stage_data(stage)
+        stages.append(
+            Stage(
+                name=stage.name,
+                terms=stage_terms[i],
+                train_data=cache.train(data),
+                eval_data=cache.eval(data),
+                epochs=stage.epochs,
+                steps=stage.steps,
+                optimizer=stage.optimizer,
+                schedule=stage.schedule,
+                train=stage.train,
+                eval_every=stage.eval_every,
+                batch_size=data.batch_size,
+                eval_batch_size=data.eval_batch_size,
+                num_workers=data.num_workers,
+                augment=data.augment,
+            )
+        )
+    run_dir = run_dir or run_directory(config)
+    spec = model_spec(config.student, num_classes, first)
+    from ..report.outputs import RunOutputs  # report imports the engine; import late
+
+    extra = list(callbacks) if callbacks is not None else ([ProgressBar()] if runtime.progress else [])
+    trainer = Trainer(
+        distiller,
+        stages,
+        runtime,
+        run_dir,
+        num_classes=num_classes,
+        mean=first.mean,
+        std=first.std,
+        info=info,
+        device=device,
+        callbacks=[*extra, RunOutputs(spec, dump_config(config))],
+        name=config.name,
+    )
+    sample = trainer.prepare_eval(torch.stack([stages[0].eval_data[i][0] for i in range(2)]))
+    shapes = distiller.setup(sample)
+    distiller.to(device)  # connectors built by setup
+    if runtime.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        student.compile()
+        if teacher is not None:
+            teacher.compile()
+    return BuiltRun(trainer, config, shapes, spec)

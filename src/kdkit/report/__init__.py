@@ -1,0 +1,1 @@
+"""Run outputs: plots, ``report.md`` and multi-run comparison tables."""

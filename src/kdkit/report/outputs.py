@@ -1,0 +1,31 @@
+"""The callback that fills a run directory: config, exported student, plots, ``report.md`` (rank 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..deploy.export import ModelSpec, export_student
+from ..engine.callbacks import Callback
+from ..engine.checkpoint import atomic_write_text
+from .plots import plot_accuracy, plot_losses
+from .runreport import write_run_report
+
+
+class RunOutputs(Callback):
+    def __init__(self, spec: ModelSpec, config_yaml: str) -> None:
+        self.spec = spec
+        self.config_yaml = config_yaml
+
+    def on_run_start(self, trainer) -> None:
+        if trainer.info.main:
+            atomic_write_text(trainer.run_dir / "config.yaml", self.config_yaml)
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        if not trainer.info.main:
+            return
+        export_student(trainer.distiller.student, self.spec, trainer.run_dir)
+        plots = [
+            plot_losses(trainer.history, trainer.run_dir / "loss.png", f"{trainer.name}: training loss"),
+            plot_accuracy(trainer.history, trainer.run_dir / "accuracy.png", f"{trainer.name}: accuracy"),
+        ]
+        write_run_report(trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None])

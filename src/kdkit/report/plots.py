@@ -1,0 +1,115 @@
+"""PNG plots of a run's metrics (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+NON_LOSS_KEYS = {"kind", "stage", "stage_index", "step", "epoch", "lr", "images_per_s"}
+
+
+def _stage_boundaries(axis, records: list[dict[str, Any]]) -> None:
+    seen: dict[int, float] = {}
+    for record in records:
+        seen.setdefault(record["stage_index"], record["epoch"])
+    for index, start in seen.items():
+        if index > 0:
+            axis.axvline(start, color="grey", linestyle=":", linewidth=1)
+
+
+def _run_epochs(records: list[dict[str, Any]]) -> list[float]:
+    """Epochs counted over the whole run (stages placed one after another)."""
+    offset, last_stage, last_epoch, out = 0.0, None, 0.0, []
+    for record in records:
+        if last_stage is not None and record["stage_index"] != last_stage:
+            offset += last_epoch
+        last_stage, last_epoch = record["stage_index"], record["epoch"]
+        out.append(offset + record["epoch"])
+    return out
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Training loss and each term's value against the epoch."""
+    train = [r for r in history if r["kind"] == "train"]
+    if not train:
+        return None
+    epochs = _run_epochs(train)
+    keys = [k for k in train[-1] if k not in NON_LOSS_KEYS]
+    fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for key in keys:
+        axis.plot(epochs, [r.get(key, float("nan")) for r in train], label=key, linewidth=1.6 if key == "loss" else 1.0)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("training loss (term values unweighted)")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Student top-1 on the evaluation split against the epoch, with the teacher's as a line."""
+    evals = [r for r in history if r["kind"] == "eval"]
+    if not evals:
+        return None
+    fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    axis.plot(_run_epochs(evals), [r["top1"] for r in evals], marker="o", markersize=3, label="student top-1")
+    teacher = [r for r in history if r["kind"] == "teacher_eval"]
+    if teacher:
+        axis.axhline(teacher[-1]["top1"], color="black", linestyle="--", linewidth=1, label="teacher top-1")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Bar chart of mean best top-1 (± std) per method."""
+    fig, axis = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    labels = [r["label"] for r in rows]
+    means = [r["best_top1_mean"] for r in rows]
+    stds = [r["best_top1_std"] for r in rows]
+    bars = axis.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
+    for bar, mean in zip(bars, means):
+        axis.text(bar.get_x() + bar.get_width() / 2, mean, f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
+    low = min(means) - max(5.0, 2 * max(stds + [0.0]))
+    axis.set_ylim(max(0.0, low), min(100.0, max(means) + 5.0))
+    axis.set_ylabel("best top-1 (%)")
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
+    """Top-1 against the epoch for several runs (read from their ``metrics.jsonl``)."""
+    fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for label, run_dir in run_dirs.items():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        evals = [r for r in records if r["kind"] == "eval"]
+        axis.plot(_run_epochs(evals), [r["top1"] for r in evals], marker="o", markersize=3, label=label)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

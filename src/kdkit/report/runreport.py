@@ -1,0 +1,65 @@
+"""``report.md`` of one run: what was trained, how it ended, where the plots are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..engine.checkpoint import atomic_write_text
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _describe_terms(config: dict[str, Any]) -> str:
+    parts = []
+    for stage in config.get("stages", []):
+        terms = stage.get("terms") or config.get("terms", [])
+        names = " + ".join(f"{t.get('weight', 1.0):g}·{t['name']}" for t in terms)
+        length = f"{stage['epochs']} epochs" if stage.get("epochs") else f"{stage['steps']} steps"
+        parts.append(f"{stage['name']}: {names} ({length}, {stage['optimizer']['name']} lr {stage['optimizer']['lr']:g})")
+    return "; ".join(parts)
+
+
+def write_run_report(run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], plots: list[Path]) -> Path:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    teacher = config.get("teacher") or {}
+    rows = []
+    if "teacher_top1" in summary:
+        rows.append(["teacher", teacher.get("name", "?"), f"{summary['teacher_top1']:.2f}", "", ""])
+    if "best_top1" in summary:
+        rows.append(
+            [
+                "student",
+                config.get("student", {}).get("name", "?"),
+                f"{summary['best_top1']:.2f} (epoch {summary['best_epoch']:.0f})",
+                f"{summary['last_top1']:.2f}",
+                f"{summary['last_top5']:.2f}",
+            ]
+        )
+    train = [r for r in history if r["kind"] == "train"]
+    speed = sum(r["images_per_s"] for r in train) / len(train) if train else 0.0
+    text = [
+        f"# Run `{summary.get('name', run_dir.name)}`",
+        "",
+        f"- data: `{config.get('data', {}).get('name', '?')}`; teacher: `{teacher.get('name', 'none')}`; "
+        f"student: `{config.get('student', {}).get('name', '?')}`",
+        f"- stages: {_describe_terms(config)}",
+        f"- mean training throughput: {speed:.0f} images/s",
+        "",
+        markdown_table(["model", "network", "best top-1 (%)", "last top-1 (%)", "last top-5 (%)"], rows),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+        "Files: `config.yaml` (resolved config), `metrics.jsonl`, `checkpoints/last.pt`, "
+        "`student.safetensors` + `student.json` (the exported student).",
+        "",
+    ]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(text))
+    return path

@@ -1,0 +1,81 @@
+"""The contract every loss term follows.
+
+A term is a plain function (tested against hand-computed values) plus a small ``nn.Module``
+that reads its inputs from a :class:`StepView` and calls the function. Terms declare what
+they consume so that a config referring to a missing tap fails before training starts.
+
+Tap keys: ``"logits"`` is the model's output (for dict outputs, its ``"out"`` entry); any other
+key is a module path of the network, ``"path"`` meaning the module's output and
+``"path:input"`` its (first) input, e.g. ``"fc:input"`` for the penultimate embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+LOGITS = "logits"
+
+
+@dataclass
+class StepView:
+    """Everything one training step exposes to the terms.
+
+    ``student`` and ``teacher`` map tap keys to tensors (``LOGITS`` always present for the
+    student; for the teacher when it has a task head). ``epoch`` counts from 0 within the
+    run and ``epoch_progress`` is the fractional epoch (epoch + fraction done), which
+    warm-ups use.
+    """
+
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor] = field(default_factory=dict)
+    labels: Tensor | None = None
+    epoch: int = 0
+    epoch_progress: float = 0.0
+
+    @property
+    def student_logits(self) -> Tensor:
+        return self.student[LOGITS]
+
+    @property
+    def teacher_logits(self) -> Tensor:
+        if LOGITS not in self.teacher:
+            raise KeyError(
+                "this term needs teacher logits, but the teacher returned none (feature-only teacher?)"
+            )
+        return self.teacher[LOGITS]
+
+
+class Term(nn.Module):
+    """Base class of all loss terms.
+
+    Subclasses set ``needs_teacher``/``needs_labels`` and override ``student_taps`` /
+    ``teacher_taps`` when they read tapped features. After the dry run the engine calls
+    :meth:`bind` with every tap's shape (batch dimension included) so the term can build
+    connectors (owned by the term; their parameters train with the student).
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = False
+
+    def student_taps(self) -> list[str]:
+        return [LOGITS]
+
+    def teacher_taps(self) -> list[str]:
+        return [LOGITS] if self.needs_teacher else []
+
+    def resolve_taps(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Fill tap keys the config left unset from the models' declared taps.
+
+        Zoo models declare ``feature_taps`` (stage outputs, shallow to deep) and
+        ``embedding_tap`` (the classifier's input). Default: nothing to resolve.
+        """
+
+    def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+        """Build connectors from the dry run's shapes. Default: nothing to build."""
+
+    def forward(self, view: StepView) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

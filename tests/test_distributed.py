@@ -13,10 +13,13 @@ import yaml
 from kdkit.models import build_model, load_weights, save_weights
 
 # Tolerance: the two runs differ only in floating-point summation order (gradients averaged over
-# processes vs one batch mean; batch-norm sums all-reduced), so after 12 SGD steps every weight
-# agrees to 2e-4 absolute and the logged losses to 1e-4 relative.
-WEIGHT_ATOL = 2e-4
-LOSS_RTOL = 1e-4
+# processes vs one batch mean; batch-norm statistics all-reduced as sums), so the first losses agree
+# to ~1e-7 and the rounding differences grow slowly: measured after 12 SGD steps (lr 0.05), weights
+# and BN running statistics differ by at most 1.2e-3 absolute and logged losses by < 1e-4 relative.
+# We assert 3e-3 and 3e-4; with per-process batch norm instead (sync_batchnorm=false) the same run is
+# off by 0.10 in weights and 1.2e-2 relative in loss (measured), so the test separates the two.
+WEIGHT_ATOL = 3e-3
+LOSS_RTOL = 3e-4
 
 
 def _records(run_dir, kind):

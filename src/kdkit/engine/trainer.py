@@ -258,7 +258,12 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(derive_seed(seed, "global", index, epoch, step, self.info.rank))
-                images = augment(images.to(self.device), generator("augment", seed, index, epoch, step, self.info.rank))
+                images = augment(
+                    images.to(self.device),
+                    generator("augment", seed, index, epoch, step),
+                    total=stage.batch_size,
+                    start=self.info.rank * train.local_batch,
+                )
                 images = images.contiguous(memory_format=self.memory_format)
                 labels = labels.to(self.device)
                 with autocast(self.device, self.runtime.precision):

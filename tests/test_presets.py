@@ -1,0 +1,182 @@
+"""CIFAR-100 presets (configs/cifar100): every runnable preset validates, follows the literature's
+schedule and its method's term weights, covers every pair listed in docs/presets.md, and the feature
+terms find their taps on the real zoo models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import kdkit.data  # noqa: F401  (registers the datasets)
+import kdkit.terms  # noqa: F401  (registers the terms)
+from kdkit.config import _read_yaml, load_config
+from kdkit.deploy.export import WEIGHTS
+from kdkit.engine.build import run_directory
+from kdkit.models import build_model
+from kdkit.registry import DATASETS, TERMS
+from kdkit.taps import dry_run
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "src" / "kdkit" / "configs" / "cifar100"
+DOCS = REPO / "docs" / "presets.md"
+
+METHODS = ("kd", "dkd", "fitnet", "at")
+SMALL_STUDENTS = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}  # trained with lr 0.01 in CRD/DKD
+# (name, weight, constructor arguments) of each method's terms: the CRD / DKD code-base settings.
+METHOD_TERMS = {
+    "kd": [("ce", 0.1, {}), ("kd", 0.9, {"temperature": 4})],
+    "dkd": [
+        ("ce", 1.0, {}),
+        ("dkd", 1.0, {"alpha": 1.0, "beta": 8.0, "temperature": 4, "warmup_epochs": 20}),
+    ],
+    "fitnet": [("ce", 1.0, {}), ("fitnet", 100.0, {})],
+    "at": [("ce", 1.0, {}), ("at", 1000.0, {"p": 2})],
+    "teachers": [("ce", 1.0, {})],
+    "baseline": [("ce", 1.0, {})],
+}
+
+
+def is_parent(path: Path) -> bool:
+    """Files other presets start from (``base: ...``), not runs of their own."""
+    return path.stem.startswith(("base", "method"))
+
+
+ALL_YAML = sorted(PRESETS.rglob("*.yaml"))
+RUNNABLE = [p for p in ALL_YAML if not is_parent(p)]
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(PRESETS).as_posix()
+
+
+def doc_pairs() -> list[tuple[str, str]]:
+    """(teacher, student) rows of the preset table in docs/presets.md: lines ``| `t` | `s` | ...``."""
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \|", DOCS.read_text(), flags=re.M)
+    assert rows, "docs/presets.md lists no pairs"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / WEIGHTS
+    path.write_bytes(b"")  # validation only checks that the file exists
+    return path
+
+
+def load(path: Path, fake_weights: Path):
+    overrides = [f"teacher.weights={fake_weights}"] if "teacher" in _read_yaml(path) else []
+    return load_config(path, overrides=overrides)
+
+
+def test_cifar100_dataset_is_registered():
+    assert "cifar100" in DATASETS
+
+
+def test_every_file_starts_with_a_comment():
+    assert ALL_YAML
+    for path in ALL_YAML:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 10, rel(path)
+
+
+def test_preset_set_is_complete():
+    pairs = doc_pairs()
+    teachers = {t for t, _ in pairs}
+    students = {s for _, s in pairs}
+    expected = {f"teachers/{t}.yaml" for t in teachers} | {f"baseline/{s}.yaml" for s in students}
+    expected |= {f"{m}/{t}_{s}.yaml" for m in METHODS for t, s in pairs}
+    assert {rel(p) for p in RUNNABLE} == expected  # every documented pair has all four methods, nothing extra
+    assert len(set(pairs)) == len(pairs)
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=rel)
+def test_preset_validates_with_literature_schedule(path: Path, fake_weights: Path):
+    config = load(path, fake_weights)
+    kind = rel(path).split("/")[0]
+
+    raw = _read_yaml(path)  # what the file itself says, before validation
+    assert raw["data"]["name"] == "cifar100" and raw["data"]["root"] == "data/cifar"
+    data = config.data
+    assert (data.batch_size, data.eval_batch_size) == (64, 256)
+    assert (data.augment.crop_padding, data.augment.flip) == (4, True)
+    assert config.student.num_classes is None  # taken from the dataset: 100
+
+    (stage,) = config.stages
+    assert stage.epochs == 240 and stage.steps is None and stage.terms is None
+    opt, sched = stage.optimizer, stage.schedule
+    lr = 0.01 if config.student.name in SMALL_STUDENTS else 0.05
+    assert (opt.name, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == ("sgd", lr, 0.9, False, 5e-4)
+    assert (sched.name, sched.milestones, sched.gamma, sched.warmup) == ("multistep", [150, 180, 210], 0.1, 0.0)
+
+    terms = [(t.name, t.weight, t.params) for t in config.terms]
+    assert terms == METHOD_TERMS[kind]
+    assert config.refiners == []
+
+    if kind == "teachers":
+        assert config.teacher is None and config.name == path.stem == config.student.name
+        assert run_directory(config) == Path("runs/cifar100/teachers") / path.stem
+    elif kind == "baseline":
+        assert config.teacher is None and config.student.name == path.stem
+        assert config.name == f"baseline_{path.stem}" and config.runtime.out_dir == "runs/cifar100"
+    else:
+        teacher, student = raw["teacher"]["name"], raw["student"]["name"]
+        assert path.stem == f"{teacher}_{student}" and config.name == f"{kind}_{teacher}_{student}"
+        assert config.teacher is not None and config.teacher.name == teacher
+        # the teacher preset's run directory exports exactly the file this preset loads
+        teacher_run = run_directory(load(PRESETS / "teachers" / f"{teacher}.yaml", fake_weights))
+        assert Path(raw["teacher"]["weights"]) == teacher_run / WEIGHTS
+        assert config.runtime.out_dir == "runs/cifar100"
+
+
+def test_run_names_are_unique(fake_weights: Path):
+    dirs = [run_directory(load(p, fake_weights)) for p in RUNNABLE]
+    assert len(set(dirs)) == len(dirs)
+
+
+def test_lr001_parents_differ_only_in_lr():
+    base, small = _read_yaml(PRESETS / "base.yaml"), _read_yaml(PRESETS / "base_lr001.yaml")
+    assert small["stages"][0]["optimizer"].pop("lr") == 0.01
+    assert base["stages"][0]["optimizer"].pop("lr") == 0.05
+    assert small == base
+    for method in (*METHODS, "baseline"):
+        plain, lr001 = _read_yaml(PRESETS / method / "method.yaml"), _read_yaml(PRESETS / method / "method_lr001.yaml")
+        assert lr001["terms"] == plain["terms"], method
+
+
+@pytest.fixture(scope="module")
+def resnet_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    return build_model("resnet8x4", num_classes=100), build_model("resnet32x4", num_classes=100)
+
+
+@pytest.mark.parametrize("method", ["fitnet", "at"])
+def test_feature_terms_find_their_taps(method: str, resnet_pair, fake_weights: Path):
+    student, teacher = resnet_pair
+    config = load(PRESETS / method / "resnet32x4_resnet8x4.yaml", fake_weights)
+    (entry,) = [t for t in config.terms if t.name == method]
+    term = TERMS.build(entry.name, **entry.params)
+    term.resolve_taps(student, teacher)
+    sample = torch.randn(2, 3, 32, 32)
+    s_shapes = dry_run(student, sample, term.student_taps(), "student")
+    t_shapes = dry_run(teacher, sample, term.teacher_taps(), "teacher")
+    assert set(term.student_taps()) <= set(s_shapes) and set(term.teacher_taps()) <= set(t_shapes)
+    term.bind(s_shapes, t_shapes)
+    if method == "fitnet":  # CRD's hint_layer=2: the middle stage; the connector maps it onto the teacher's
+        assert (term.student_tap, term.teacher_tap) == ("layer2", "layer2")
+        assert term.connector(torch.zeros(s_shapes["layer2"])).shape == t_shapes["layer2"]
+    else:  # the three stage outputs, as CRD's g[1:-1]
+        assert term.student_taps() == term.teacher_taps() == ["layer1", "layer2", "layer3"]
+
+
+def test_docs_name_only_zoo_models():
+    from kdkit.registry import MODELS
+
+    for teacher, student in doc_pairs():
+        assert teacher in MODELS and student in MODELS
+    text = DOCS.read_text()
+    assert "data/cifar/cifar-100-python" in text and "--set data.root=" in text
+    assert yaml.safe_load((PRESETS / "base.yaml").read_text())["data"]["root"] == "data/cifar"

@@ -110,7 +110,8 @@ def test_preset_validates_with_literature_schedule(path: Path, fake_weights: Pat
     opt, sched = stage.optimizer, stage.schedule
     lr = 0.01 if config.student.name in SMALL_STUDENTS else 0.05
     assert (opt.name, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == ("sgd", lr, 0.9, False, 5e-4)
-    assert (sched.name, sched.milestones, sched.gamma, sched.warmup) == ("multistep", [150, 180, 210], 0.1, 0.0)
+    assert (sched.name, sched.milestones, sched.gamma) == ("multistep", [150, 180, 210], 0.1)
+    assert sched.warmup == 0.0
 
     terms = [(t.name, t.weight, t.params) for t in config.terms]
     assert terms == METHOD_TERMS[kind]
@@ -143,33 +144,33 @@ def test_lr001_parents_differ_only_in_lr():
     assert base["stages"][0]["optimizer"].pop("lr") == 0.05
     assert small == base
     for method in (*METHODS, "baseline"):
-        plain, lr001 = _read_yaml(PRESETS / method / "method.yaml"), _read_yaml(PRESETS / method / "method_lr001.yaml")
+        plain = _read_yaml(PRESETS / method / "method.yaml")
+        lr001 = _read_yaml(PRESETS / method / "method_lr001.yaml")
         assert lr001["terms"] == plain["terms"], method
 
 
-@pytest.fixture(scope="module")
-def resnet_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+def test_feature_terms_find_their_taps(fake_weights: Path):
+    """FitNet and AT of resnet32x4 -> resnet8x4 resolve their default taps; one dry run finds them all."""
     torch.manual_seed(0)
-    return build_model("resnet8x4", num_classes=100), build_model("resnet32x4", num_classes=100)
-
-
-@pytest.mark.parametrize("method", ["fitnet", "at"])
-def test_feature_terms_find_their_taps(method: str, resnet_pair, fake_weights: Path):
-    student, teacher = resnet_pair
-    config = load(PRESETS / method / "resnet32x4_resnet8x4.yaml", fake_weights)
-    (entry,) = [t for t in config.terms if t.name == method]
-    term = TERMS.build(entry.name, **entry.params)
-    term.resolve_taps(student, teacher)
+    student, teacher = build_model("resnet8x4", num_classes=100), build_model("resnet32x4", num_classes=100)
+    terms = {}
+    for method in ("fitnet", "at"):
+        config = load(PRESETS / method / "resnet32x4_resnet8x4.yaml", fake_weights)
+        (entry,) = [t for t in config.terms if t.name == method]
+        terms[method] = TERMS.build(entry.name, **entry.params)
+        terms[method].resolve_taps(student, teacher)
     sample = torch.randn(2, 3, 32, 32)
-    s_shapes = dry_run(student, sample, term.student_taps(), "student")
-    t_shapes = dry_run(teacher, sample, term.teacher_taps(), "teacher")
-    assert set(term.student_taps()) <= set(s_shapes) and set(term.teacher_taps()) <= set(t_shapes)
-    term.bind(s_shapes, t_shapes)
-    if method == "fitnet":  # CRD's hint_layer=2: the middle stage; the connector maps it onto the teacher's
-        assert (term.student_tap, term.teacher_tap) == ("layer2", "layer2")
-        assert term.connector(torch.zeros(s_shapes["layer2"])).shape == t_shapes["layer2"]
-    else:  # the three stage outputs, as CRD's g[1:-1]
-        assert term.student_taps() == term.teacher_taps() == ["layer1", "layer2", "layer3"]
+    s_shapes = dry_run(student, sample, [k for t in terms.values() for k in t.student_taps()], "student")
+    t_shapes = dry_run(teacher, sample, [k for t in terms.values() for k in t.teacher_taps()], "teacher")
+    for term in terms.values():
+        assert set(term.student_taps()) <= set(s_shapes) and set(term.teacher_taps()) <= set(t_shapes)
+        term.bind(s_shapes, t_shapes)
+    fitnet, at = terms["fitnet"], terms["at"]
+    # CRD's hint_layer=2: the middle stage; the connector maps the student's onto the teacher's shape
+    assert (fitnet.student_tap, fitnet.teacher_tap) == ("layer2", "layer2")
+    assert fitnet.connector(torch.zeros(s_shapes["layer2"])).shape == t_shapes["layer2"]
+    # AT: the three stage outputs, as CRD's g[1:-1]
+    assert at.student_taps() == at.teacher_taps() == ["layer1", "layer2", "layer3"]
 
 
 def test_docs_name_only_zoo_models():

@@ -74,14 +74,23 @@ def test_base_file_is_deep_merged(tmp_path):
 # Ten malformed configs: (lines after "base: good.yaml", expected fragments of the one-line message;
 # line numbers count the base line).
 MALFORMED = [
-    ("stages:\n  - epochs: 2\n    optimiser: {lr: 0.1}\n", ["run.yaml:4", "optimiser", "did you mean 'optimizer'"]),
+    (
+        "stages:\n  - epochs: 2\n    optimiser: {lr: 0.1}\n",
+        ["run.yaml:4", "optimiser", "did you mean 'optimizer'"],
+    ),
     ("runtime:\n  precison: bf16\n", ["run.yaml:3", "precison", "did you mean 'precision'"]),
     ("runtime:\n  precision: fp8\n", ["runtime.precision", "'fp8'", "fp32", "bf16"]),
     ("stages:\n  - epochs: many\n", ["stages[0].epochs", "integer"]),
     ("stages:\n  - epochs: 2\n    steps: 10\n", ["exactly one of 'epochs' and 'steps'"]),
-    ("teacher:\n  name: resnet20\n  weights: missing/teacher.safetensors\n", ["teacher.weights", "not found", "missing/teacher.safetensors"]),
+    (
+        "teacher:\n  name: resnet20\n  weights: missing/teacher.safetensors\n",
+        ["teacher.weights", "not found", "missing/teacher.safetensors"],
+    ),
     ("terms:\n  - name: kdd\n", ["run.yaml:3", "unknown term 'kdd'", "did you mean 'kd'"]),
-    ("terms:\n  - name: kd\n    tempreature: 4\n", ["run.yaml:4", "tempreature", "did you mean 'temperature'"]),
+    (
+        "terms:\n  - name: kd\n    tempreature: 4\n",
+        ["run.yaml:4", "tempreature", "did you mean 'temperature'"],
+    ),
     ("student:\n  name: resnet9\n", ["unknown model 'resnet9'", "did you mean"]),
     ("data:\n  name: cifar1000\n", ["unknown dataset 'cifar1000'", "did you mean 'cifar100'"]),
 ]

@@ -45,10 +45,23 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
-        [sys.executable, "-m", "kdkit", "train", str(path), "--out", str(one)], check=True, env=env, capture_output=True
+        [sys.executable, "-m", "kdkit", "train", str(path), "--out", str(one)],
+        check=True,
+        env=env,
+        capture_output=True,
     )
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdkit"]
-    proc = subprocess.run([*launch, "train", str(path), "--out", str(two)], env=env, capture_output=True, text=True)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "kdkit",
+    ]
+    proc = subprocess.run(
+        [*launch, "train", str(path), "--out", str(two)], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     a, b = build_model("resnet8", num_classes=10), build_model("resnet8", num_classes=10)

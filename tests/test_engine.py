@@ -27,7 +27,12 @@ def tiny_config(tmp_path, **changes):
         "student": {"name": "resnet8"},
         "terms": [{"name": "ce"}],
         "stages": [{"epochs": 2, "optimizer": {"lr": 0.05}, "schedule": {"name": "cosine"}}],
-        "runtime": {"out_dir": str(tmp_path / "runs"), "progress": False, "deterministic": True, "log_every": 2},
+        "runtime": {
+            "out_dir": str(tmp_path / "runs"),
+            "progress": False,
+            "deterministic": True,
+            "log_every": 2,
+        },
     }
     config.update(changes)
     return load_config(base=config)
@@ -86,7 +91,11 @@ class Crash(Callback):
 
 
 def _evals(run_dir):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    return [
+        r
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "eval"
+    ]
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
@@ -113,8 +122,17 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
 def test_run_directory_holds_every_output(tmp_path):
     summary = train_from_config(tiny_config(tmp_path))
     run_dir = tmp_path / "runs" / "tiny"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "loss.png", "accuracy.png",
-                 "student.safetensors", "student.json", "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "report.md",
+        "loss.png",
+        "accuracy.png",
+        "student.safetensors",
+        "student.json",
+        "checkpoints/last.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert 0.0 <= summary["best_top1"] <= 100.0 and math.isfinite(summary["last_top1"])
     # the resolved config reproduces the run's settings
@@ -122,6 +140,8 @@ def test_run_directory_holds_every_output(tmp_path):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
-    config = tiny_config(tmp_path, stages=[{"epochs": 3, "optimizer": {"lr": 1e12}, "schedule": {"name": "constant"}}])
+    config = tiny_config(
+        tmp_path, stages=[{"epochs": 3, "optimizer": {"lr": 1e12}, "schedule": {"name": "constant"}}]
+    )
     with pytest.raises(KdkitError, match="non-finite loss.*Lower the learning rate"):
         train_from_config(config)

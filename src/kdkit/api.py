@@ -89,7 +89,9 @@ def distill(
     }
     if teacher is not None:
         config["teacher"] = {"name": _model_name(teacher), "weights": teacher_weights}
-    modules = {role: m for role, m in (("student", student), ("teacher", teacher)) if isinstance(m, nn.Module)}
+    modules = {
+        role: m for role, m in (("student", student), ("teacher", teacher)) if isinstance(m, nn.Module)
+    }
     return train_from_config(load_config(base=config), modules=modules)
 
 
@@ -98,11 +100,11 @@ def evaluate_student(
 ) -> dict[str, float]:
     """Top-1/top-5/loss of an exported student on a dataset split (default: its run's eval split)."""
     from .data import build_dataset
+    from .data.augment import BatchAugment
     from .deploy.export import load_student
     from .engine.batches import Batches
     from .engine.distributed import DistInfo, resolve_device
     from .engine.evaluate import evaluate
-    from .data.augment import BatchAugment
 
     run = Path(run)
     model, spec = load_student(run)
@@ -112,8 +114,12 @@ def evaluate_student(
     data_config = base.data if base is not None else None
     name = data or (data_config.name if data_config else "embedded")
     params = {**data_config.params, **data_config.eval_params} if data_config and data is None else {}
-    dataset = build_dataset(name, split or (data_config.eval_split if data_config else "test"),
-                            root=data_config.root if data_config and data is None else None, **params)
+    dataset = build_dataset(
+        name,
+        split or (data_config.eval_split if data_config else "test"),
+        root=data_config.root if data_config and data is None else None,
+        **params,
+    )
     device = resolve_device("auto")
     model.to(device)
     augment = BatchAugment(0, False, spec.mean, spec.std)
@@ -129,7 +135,9 @@ def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
     config = load_config(path, overrides)
     built = build_run(config, callbacks=[])
     distiller = built.trainer.distiller
-    sample = built.trainer.prepare_eval(torch.stack([built.trainer.stages[0].eval_data[i][0] for i in range(2)]))
+    sample = built.trainer.prepare_eval(
+        torch.stack([built.trainer.stages[0].eval_data[i][0] for i in range(2)])
+    )
     report: dict[str, Any] = {"connectors": []}
     roles = [("student", distiller.student, config.student.name)]
     if distiller.teacher is not None and config.teacher is not None:

@@ -41,7 +41,9 @@ def user_errors(command):
 
 @app.command("list")
 @user_errors
-def list_registered(kind: Annotated[str | None, typer.Argument(help="models, datasets, terms or refiners")] = None):
+def list_registered(
+    kind: Annotated[str | None, typer.Argument(help="models, datasets, terms or refiners")] = None,
+):
     """List registered models, datasets, terms and refiners with one-line descriptions."""
     from .api import registries
     from .registry import did_you_mean
@@ -110,7 +112,9 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config")], set_: S
         if role not in report:
             continue
         info = report[role]
-        table = Table(title=f"{role}: {info['name']} ({info['params'] / 1e6:.2f}M params)", title_justify="left")
+        table = Table(
+            title=f"{role}: {info['name']} ({info['params'] / 1e6:.2f}M params)", title_justify="left"
+        )
         table.add_column("tap")
         table.add_column("shape")
         for key, shape in info["taps"].items():
@@ -154,4 +158,3 @@ def demo(
 
     report = run_demo(out, quick=quick, seed=seed)
     console.print(f"report: {report}")
-

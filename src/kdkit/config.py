@@ -107,7 +107,9 @@ class StageConfig(Strict):
     train: list[str] = Field(["*"], description="glob patterns on student parameter names")
     terms: list[TermConfig] | None = Field(None, description="default: the run's terms")
     data: DataConfig | None = Field(None, description="default: the run's data")
-    eval_every: int = Field(1, ge=1, description="epochs (or steps for step-based stages) between evaluations")
+    eval_every: int = Field(
+        1, ge=1, description="epochs (or steps for step-based stages) between evaluations"
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> StageConfig:
@@ -154,7 +156,9 @@ class RunConfig(Strict):
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -197,7 +201,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         nxt = parts[i + 1]
         if isinstance(node, list):
             if not isinstance(part, int) or part >= len(node):
-                raise ConfigError(f"--set {assignment}: index {part} is out of range (list has {len(node)} items)")
+                raise ConfigError(
+                    f"--set {assignment}: index {part} is out of range (list has {len(node)} items)"
+                )
             node = node[part]
         else:
             if part not in node or node[part] is None:
@@ -206,7 +212,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         if not isinstance(last, int) or last > len(node):
-            raise ConfigError(f"--set {assignment}: index {last} is out of range (list has {len(node)} items)")
+            raise ConfigError(
+                f"--set {assignment}: index {last} is out of range (list has {len(node)} items)"
+            )
         if last == len(node):
             node.append(value)
         else:
@@ -246,7 +254,9 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         if field is None:
             return None
         model = _schema_class(field.annotation)
@@ -315,14 +325,17 @@ def check_models_and_data(config: RunConfig, source: str = "config", text: str |
         if ":" not in model.name and model.name not in MODELS:
             raise ConfigError(
                 f"{_where(source, text, (role, 'name'))}: {role}.name: unknown model "
-                f"'{model.name}'{did_you_mean(model.name, MODELS.names())} (or use torchvision:<name> / timm:<name>)"
+                f"'{model.name}'{did_you_mean(model.name, MODELS.names())} "
+                "(or use torchvision:<name> / timm:<name>)"
             )
         if model.weights is not None and not model.weights.is_file():
             raise ConfigError(
                 f"{_where(source, text, (role, 'weights'))}: {role}.weights: file not found: {model.weights} "
                 f"(train one with `kdkit train`, or fix the path)"
             )
-    datas = [(("data",), config.data)] + [(("stages", i, "data"), s.data) for i, s in enumerate(config.stages) if s.data]
+    datas = [(("data",), config.data)] + [
+        (("stages", i, "data"), s.data) for i, s in enumerate(config.stages) if s.data
+    ]
     for loc, data in datas:
         if data.name not in DATASETS:
             raise ConfigError(
@@ -350,7 +363,8 @@ def check_terms(config: RunConfig, source: str = "config", text: str | None = No
                 if accepted is not None and key not in accepted:
                     raise ConfigError(
                         f"{_where(source, text, (*loc, key))}: {_fmt_loc((*loc, key))}: "
-                        f"unknown argument of term '{term.name}'{did_you_mean(key, sorted(accepted | {'weight'}))}"
+                        f"unknown argument of term '{term.name}'"
+                        f"{did_you_mean(key, sorted(accepted | {'weight'}))}"
                     )
 
 
@@ -362,7 +376,9 @@ def _accepted_args(builder: Any) -> set[str] | None:
     return {p.name for p in params if p.name != "self"}
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None
+) -> RunConfig:
     """Load a YAML config (or start from ``base``), apply ``--set`` overrides, validate."""
     text = None
     source = "config"

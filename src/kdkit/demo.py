@@ -18,9 +18,9 @@ from rich.console import Console
 from .api import train_from_config
 from .config import RunConfig, load_config
 from .data.base import cache_dir
+from .engine.checkpoint import atomic_write_text
 from .report.compare import compare_runs, comparison_table
 from .report.plots import plot_comparison, plot_curves
-from .engine.checkpoint import atomic_write_text
 
 STUDENTS = ("student", "kd", "dkd")
 LABELS = {"teacher": "teacher (ResNet-20)", "student": "student alone (ResNet-8)", "kd": "KD", "dkd": "DKD"}
@@ -98,8 +98,9 @@ def write_demo_report(out: Path, run_dirs: dict[str, Path], quick: bool) -> Path
     text = [
         "# kdkit demo" + (" (quick)" if quick else ""),
         "",
-        "Embedded dataset (procedural shapes and textures, day style); teacher ResNet-20 trained from labels,",
-        "student ResNet-8 trained alone, with KD (Hinton et al. 2015) and with DKD (Zhao et al. 2022).",
+        "Embedded dataset (procedural shapes and textures, day style); teacher ResNet-20 trained",
+        "from labels, student ResNet-8 trained alone, with KD (Hinton et al. 2015) and with DKD",
+        "(Zhao et al. 2022).",
         "",
         comparison_table(rows),
         "",
@@ -122,4 +123,3 @@ def _link(out: Path, run_dir: Path) -> str:
         return str(run_dir.resolve().relative_to(out.resolve()))
     except ValueError:
         return str(run_dir.resolve())
-

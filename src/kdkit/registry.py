@@ -52,7 +52,9 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, name: str, description: str = ""
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def add(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
@@ -94,4 +96,9 @@ DATASETS = Registry("dataset")
 TERMS = Registry("term")
 REFINERS = Registry("refiner")
 
-REGISTRIES: dict[str, Registry] = {"models": MODELS, "datasets": DATASETS, "terms": TERMS, "refiners": REFINERS}
+REGISTRIES: dict[str, Registry] = {
+    "models": MODELS,
+    "datasets": DATASETS,
+    "terms": TERMS,
+    "refiners": REFINERS,
+}

@@ -32,7 +32,9 @@ def main_output(out: Any) -> Tensor:
     if isinstance(out, dict):
         if "out" in out:
             return out["out"]
-        raise KdkitError(f"model returned a dict without an 'out' entry (keys: {sorted(out)}); tap a module instead")
+        raise KdkitError(
+            f"model returned a dict without an 'out' entry (keys: {sorted(out)}); tap a module instead"
+        )
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise KdkitError(f"cannot read a tensor from a model output of type {type(out).__name__}")
@@ -100,7 +102,9 @@ class Taps:
         self._store = {}
         missing = [k for k in self.keys if k not in found]
         if missing:
-            raise KdkitError(f"taps {missing} did not fire during the forward pass (module not used by forward?)")
+            raise KdkitError(
+                f"taps {missing} did not fire during the forward pass (module not used by forward?)"
+            )
         found[LOGITS] = main_output(out)
         return found
 
@@ -111,7 +115,9 @@ class Taps:
 
 
 @torch.no_grad()
-def dry_run(model: nn.Module, sample: Tensor, keys: Iterable[str], who: str = "model") -> dict[str, torch.Size]:
+def dry_run(
+    model: nn.Module, sample: Tensor, keys: Iterable[str], who: str = "model"
+) -> dict[str, torch.Size]:
     """Run one batch through ``model`` and return every tap's shape (batch dimension included)."""
     was_training = model.training
     model.eval()

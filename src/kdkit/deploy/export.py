@@ -38,7 +38,7 @@ class ModelSpec:
 
 
 def export_student(student: nn.Module, spec: ModelSpec, out_dir: Path) -> Path:
-    """Write ``student.safetensors`` and ``student.json`` into ``out_dir`` (atomically); returns the weights path."""
+    """Write ``student.safetensors`` and ``student.json`` into ``out_dir`` atomically; returns the weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS
     save_weights(student, weights, metadata={"model": spec.model, "num_classes": str(spec.num_classes)})

@@ -120,7 +120,9 @@ def build_run(
         teacher = modules.get("teacher") or build_network(config.teacher, num_classes, "teacher")
         if "teacher" in modules and config.teacher.weights is not None:
             load_weights(teacher, config.teacher.weights)
-    stage_terms = [build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)]
+    stage_terms = [
+        build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)
+    ]
     if info.active and runtime.sync_batchnorm:
         student = sync_batchnorm(student, device)
     distiller = Distiller(student, teacher, stage_terms)

@@ -46,8 +46,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise KdkitError(f"no checkpoint at {path}: the run has not finished an epoch yet; start it without --resume")
+        raise KdkitError(
+            f"no checkpoint at {path}: the run has not finished an epoch yet; start it without --resume"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise KdkitError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it may be corrupt") from None
+        raise KdkitError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); it may be corrupt"
+        ) from None

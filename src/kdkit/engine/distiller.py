@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import KdkitError
 from ..taps import Taps, dry_run
-from ..terms.base import Term, StepView
+from ..terms.base import StepView, Term
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,26 @@ def freeze(model: nn.Module) -> nn.Module:
 class Distiller(nn.Module):
     """Student + frozen teacher + the terms of every stage (``stage_terms[i]`` for stage ``i``)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, stage_terms: Sequence[Sequence[WeightedTerm]]):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module | None, stage_terms: Sequence[Sequence[WeightedTerm]]
+    ):
         super().__init__()
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.stage_terms = [list(terms) for terms in stage_terms]
         self.terms = nn.ModuleDict(
-            {self.term_key(i, j, wt.name): wt.term for i, terms in enumerate(self.stage_terms) for j, wt in enumerate(terms)}
+            {
+                self.term_key(i, j, wt.name): wt.term
+                for i, terms in enumerate(self.stage_terms)
+                for j, wt in enumerate(terms)
+            }
         )
         for terms in self.stage_terms:
             for wt in terms:
                 if wt.term.needs_teacher and teacher is None:
-                    raise KdkitError(f"term '{wt.name}' needs a teacher, but the config has none (set 'teacher:')")
+                    raise KdkitError(
+                        f"term '{wt.name}' needs a teacher, but the config has none (set 'teacher:')"
+                    )
         self.stage = 0
         self._student_taps: Taps | None = None
         self._teacher_taps: Taps | None = None
@@ -73,7 +81,9 @@ class Distiller(nn.Module):
         for wt in self._all_terms():
             wt.term.resolve_taps(self.student, self.teacher)
         student_keys = sorted({k for wt in self._all_terms() for k in wt.term.student_taps()})
-        teacher_keys = sorted({k for wt in self._all_terms() if wt.term.needs_teacher for k in wt.term.teacher_taps()})
+        teacher_keys = sorted(
+            {k for wt in self._all_terms() if wt.term.needs_teacher for k in wt.term.teacher_taps()}
+        )
         shapes = {"student": dry_run(self.student, sample, student_keys, "student")}
         if self.teacher is not None:
             shapes["teacher"] = dry_run(self.teacher, sample, teacher_keys, "teacher")

@@ -50,4 +50,8 @@ def evaluate(
             loss.update(F.cross_entropy(logits, labels), weight=labels.numel())
     finally:
         model.train(was_training)
-    return {"top1": 100.0 * top1.compute().item(), "top5": 100.0 * top5.compute().item(), "loss": loss.compute().item()}
+    return {
+        "top1": 100.0 * top1.compute().item(),
+        "top5": 100.0 * top5.compute().item(),
+        "loss": loss.compute().item(),
+    }

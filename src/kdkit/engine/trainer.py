@@ -29,7 +29,7 @@ from .batches import Batches, derive_seed, generator
 from .callbacks import Callback
 from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from .distiller import Distiller, WeightedTerm
-from .distributed import DistInfo, all_mean, barrier, broadcast_flag
+from .distributed import DistInfo, all_mean, barrier
 from .evaluate import autocast, evaluate
 from .schedule import lr_factor
 
@@ -73,11 +73,18 @@ def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter]) -> torc
     """SGD (momentum, Nesterov) or AdamW; weight decay skips 1-D parameters (norms, biases) only for AdamW."""
     if config.name == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
         )
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
 
 
@@ -113,7 +120,7 @@ class Trainer:
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
-        info: DistInfo = DistInfo(),
+        info: DistInfo | None = None,
         device: torch.device | None = None,
         callbacks: Sequence[Callback] = (),
         name: str = "run",
@@ -123,7 +130,7 @@ class Trainer:
         self.runtime = runtime
         self.run_dir = Path(run_dir)
         self.num_classes = num_classes
-        self.info = info
+        self.info = info or DistInfo()
         self.device = device or torch.device("cpu")
         self.callbacks = list(callbacks)
         self.name = name
@@ -212,11 +219,18 @@ class Trainer:
 
     def _evaluate_teacher(self) -> None:
         stage = self.stages[0]
-        batches = Batches(stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers)
+        batches = Batches(
+            stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers
+        )
         assert self.distiller.teacher is not None
         if any(wt.term.needs_teacher for wts in self.distiller.stage_terms for wt in wts):
             result = evaluate(
-                self.distiller.teacher, batches, self.prepare_eval, self.num_classes, self.device, self.runtime.precision
+                self.distiller.teacher,
+                batches,
+                self.prepare_eval,
+                self.num_classes,
+                self.device,
+                self.runtime.precision,
             )
             self.log({"kind": "teacher_eval", **result})
 
@@ -239,8 +253,12 @@ class Trainer:
         model: nn.Module = self.distiller
         if self.info.active:
             model = DistributedDataParallel(self.distiller, find_unused_parameters=True)
-        train = Batches(stage.train_data, stage.batch_size, self.info, train=True, num_workers=stage.num_workers)
-        evals = Batches(stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers)
+        train = Batches(
+            stage.train_data, stage.batch_size, self.info, train=True, num_workers=stage.num_workers
+        )
+        evals = Batches(
+            stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers
+        )
         augment = self._augment(stage)
         per_epoch = len(train)
         total = self.stage_length(stage, per_epoch)
@@ -294,7 +312,9 @@ class Trainer:
             return step % per_epoch == 0 and (step // per_epoch) % stage.eval_every == 0
         return step % stage.eval_every == 0
 
-    def _check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], stage: Stage, epoch: int, step: int):
+    def _check_finite(
+        self, loss: torch.Tensor, parts: dict[str, torch.Tensor], stage: Stage, epoch: int, step: int
+    ):
         bad = not bool(torch.isfinite(loss.detach()).item())
         if self.info.active:
             flag = torch.tensor([1.0 if bad else 0.0])
@@ -302,13 +322,19 @@ class Trainer:
             bad = flag.item() > 0
         if bad:
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            where = f"the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path.exists() else "no checkpoint yet"
+            where = (
+                f"the last good checkpoint is {self.checkpoint_path}"
+                if self.checkpoint_path.exists()
+                else "no checkpoint yet"
+            )
             raise KdkitError(
                 f"non-finite loss in stage '{stage.name}', epoch {epoch}, step {step} ({terms}); {where}. "
                 f"Lower the learning rate, use runtime.precision=fp32, or check the data and term weights"
             )
 
-    def _log_train(self, index: int, stage: Stage, step: int, per_epoch: int, lr: float, window: _Window) -> None:
+    def _log_train(
+        self, index: int, stage: Stage, step: int, per_epoch: int, lr: float, window: _Window
+    ) -> None:
         means = {key: all_mean(value / window.steps, self.info).item() for key, value in window.sums.items()}
         self.log(
             {
@@ -324,9 +350,25 @@ class Trainer:
         )
 
     def _evaluate(self, index: int, stage: Stage, step: int, per_epoch: int, evals: Batches) -> None:
-        result = evaluate(self.distiller.student, evals, self.prepare_eval, self.num_classes, self.device, self.runtime.precision)
+        result = evaluate(
+            self.distiller.student,
+            evals,
+            self.prepare_eval,
+            self.num_classes,
+            self.device,
+            self.runtime.precision,
+        )
         self.distiller.train()
-        self.log({"kind": "eval", "stage": stage.name, "stage_index": index, "step": step, "epoch": step / per_epoch, **result})
+        self.log(
+            {
+                "kind": "eval",
+                "stage": stage.name,
+                "stage_index": index,
+                "step": step,
+                "epoch": step / per_epoch,
+                **result,
+            }
+        )
 
     def summary(self) -> dict[str, Any]:
         evals = [r for r in self.history if r["kind"] == "eval"]

@@ -21,7 +21,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if not summary_path.is_file():
         raise KdkitError(f"{run_dir} is not a finished run (no summary.json); finish or resume it first")
     summary = json.loads(summary_path.read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    )
     return {"dir": run_dir, "summary": summary, "config": config}
 
 
@@ -67,7 +69,15 @@ def _pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    header = ["run", "seeds", "best top-1 (%)", "last top-1 (%)", "best epoch", "last epoch", "teacher top-1 (%)"]
+    header = [
+        "run",
+        "seeds",
+        "best top-1 (%)",
+        "last top-1 (%)",
+        "best epoch",
+        "last epoch",
+        "teacher top-1 (%)",
+    ]
     body = [
         [
             r["label"],

@@ -43,7 +43,12 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path |
     keys = [k for k in train[-1] if k not in NON_LOSS_KEYS]
     fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for key in keys:
-        axis.plot(epochs, [r.get(key, float("nan")) for r in train], label=key, linewidth=1.6 if key == "loss" else 1.0)
+        axis.plot(
+            epochs,
+            [r.get(key, float("nan")) for r in train],
+            label=key,
+            linewidth=1.6 if key == "loss" else 1.0,
+        )
     axis.set_xlabel("epoch")
     axis.set_ylabel("training loss (term values unweighted)")
     axis.set_yscale("log")
@@ -85,7 +90,9 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     stds = [r["best_top1_std"] for r in rows]
     bars = axis.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
     for bar, mean in zip(bars, means):
-        axis.text(bar.get_x() + bar.get_width() / 2, mean, f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
+        axis.text(
+            bar.get_x() + bar.get_width() / 2, mean, f"{mean:.1f}", ha="center", va="bottom", fontsize=8
+        )
     low = min(means) - max(5.0, 2 * max(stds + [0.0]))
     axis.set_ylim(max(0.0, low), min(100.0, max(means) + 5.0))
     axis.set_ylabel("best top-1 (%)")

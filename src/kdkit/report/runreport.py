@@ -22,12 +22,17 @@ def _describe_terms(config: dict[str, Any]) -> str:
         terms = stage.get("terms") or config.get("terms", [])
         names = " + ".join(f"{t.get('weight', 1.0):g}·{t['name']}" for t in terms)
         length = f"{stage['epochs']} epochs" if stage.get("epochs") else f"{stage['steps']} steps"
-        parts.append(f"{stage['name']}: {names} ({length}, {stage['optimizer']['name']} lr {stage['optimizer']['lr']:g})")
+        optimizer = stage["optimizer"]
+        parts.append(f"{stage['name']}: {names} ({length}, {optimizer['name']} lr {optimizer['lr']:g})")
     return "; ".join(parts)
 
 
-def write_run_report(run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], plots: list[Path]) -> Path:
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+def write_run_report(
+    run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], plots: list[Path]
+) -> Path:
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    )
     teacher = config.get("teacher") or {}
     rows = []
     if "teacher_top1" in summary:

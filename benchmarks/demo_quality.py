@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from _results import RESULTS, write_table
+
 from kdkit.demo import LABELS, STUDENTS, run_demo
 from kdkit.report.compare import compare_runs, comparison_table
 
@@ -20,7 +22,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs/demo-quality"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_quality.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo_quality.md")
     args = parser.parse_args()
     for seed in args.seeds:
         run_demo(args.runs, quick=args.quick, seed=seed)
@@ -40,9 +42,7 @@ def main() -> None:
         f"{gap:+.2f} points ({'meets' if gap >= 5 else 'does NOT meet'} the >= 5 point requirement).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

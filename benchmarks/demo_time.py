@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import RESULTS, write_table
+
 
 def timed_demo(cache: Path, out: Path, quick: bool) -> float:
     env = {**os.environ, "KDKIT_CACHE": str(cache)}
@@ -27,7 +29,7 @@ def timed_demo(cache: Path, out: Path, quick: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="also time the full demo (about 15 minutes)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_time.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo_time.md")
     args = parser.parse_args()
     rows = []
     for quick in (True, False) if args.full else (True,):
@@ -48,9 +50,7 @@ def main() -> None:
         *rows,
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import RESULTS, write_table
 
 from kdkit.engine.distiller import Distiller, WeightedTerm
 from kdkit.models import build_model
@@ -79,7 +80,7 @@ def make_step(model, teacher, precision: str, channels_last: bool, engine: bool)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -112,9 +113,7 @@ def main() -> None:
         "Ratios: the first four rows against fp32 contiguous; the Distiller row against the plain KD step.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,30 @@ def test_compare_groups_seeds_as_mean_and_std(tiny, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2"
     assert cells[2] == f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}"
+
+
+def test_profile_counts_flops_by_hand_and_prints_a_model(tmp_path):
+    from torch import nn
+
+    from kdkit.deploy.profile import count_flops, count_parameters
+
+    layer = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    import torch
+
+    assert count_flops(layer, torch.zeros(1, 3, 4, 4)) == 2 * 48 * 10  # one multiply-add per weight
+    assert count_parameters(layer) == 48 * 10 + 10
+    output = invoke("profile", "resnet8", "--num-classes", "100")
+    assert "0.084M params" in output and "GFLOPs/image" in output
+
+
+def test_predict_names_classes_of_image_files(tiny, tmp_path):
+    from PIL import Image
+
+    invoke("train", str(tiny))
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (40, 48), colour).save(paths[-1])
+    output = invoke("predict", str(tmp_path / "runs" / "tiny"), *map(str, paths), "--top", "2")
+    lines = [line for line in output.splitlines() if line.startswith(str(tmp_path))]
+    assert len(lines) == 2 and all(line.count("%") == 2 for line in lines)

@@ -155,3 +155,36 @@ def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
             report["connectors"].append(f"connector {key}.{child_name}: {child} ({n} params)")
     distiller.release_taps()
     return report
+
+
+def profile_model(
+    model: str | Path, size: int = 32, num_classes: int = 100, batch: int = 1, device: str = "cpu"
+) -> dict[str, float]:
+    """Params, FLOPs and latency of an exported student (its spec gives the input size) or a model name."""
+    from .deploy.export import load_student
+    from .deploy.profile import profile
+    from .models import build_model
+
+    path = Path(model)
+    if path.exists():
+        network, spec = load_student(path)
+        image_size = spec.image_size or (size, size)
+    else:
+        network, image_size = build_model(str(model), num_classes=num_classes), (size, size)
+    return profile(network, tuple(image_size), batch=batch, device=device)
+
+
+@torch.no_grad()
+def predict_images(run: str | Path, images: Sequence[str | Path], top: int = 3) -> list[list[tuple[str, float]]]:
+    """The ``top`` most probable classes of each image file, as (class name, probability) pairs."""
+    from .data.augment import BatchAugment
+    from .data.folders import load_image
+    from .deploy.export import load_student
+
+    model, spec = load_student(run)
+    size = spec.image_size
+    batch = torch.stack([load_image(Path(p), size[0] if size else None) for p in images])
+    probs = model(BatchAugment(0, False, spec.mean, spec.std).normalize(batch)).softmax(1)
+    names = spec.classes or [str(i) for i in range(spec.num_classes)]
+    values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+    return [[(names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]

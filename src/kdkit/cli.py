@@ -130,6 +130,40 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config")], set_: S
     console.print(table)
 
 
+@app.command("profile")
+@user_errors
+def profile_cmd(
+    model: Annotated[str, typer.Argument(help="run directory, exported student, or model name (zoo/torchvision:/timm:)")],
+    size: Annotated[int, typer.Option(help="input height and width for a model name")] = 32,
+    num_classes: Annotated[int, typer.Option(help="classes for a model name")] = 100,
+    batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+):
+    """Parameters, FLOPs and latency of a trained student or of any registered model."""
+    from .api import profile_model
+
+    result = profile_model(model, size=size, num_classes=num_classes, batch=batch, device=device)
+    console.print(
+        f"{result['params_m']:.3f}M params  {result['gflops']:.4f} GFLOPs/image  "
+        f"{result['latency_ms']:.2f} ms/forward (batch {batch}, {device})"
+    )
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="run directory or exported student.safetensors")],
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    top: Annotated[int, typer.Option(help="how many classes to show per image")] = 3,
+):
+    """Classify image files with an exported student."""
+    from .api import predict_images
+
+    for path, ranked in zip(images, predict_images(run, images, top=top)):
+        shown = "  ".join(f"{name} {100 * p:.1f}%" for name, p in ranked)
+        console.print(f"{path}: {shown}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def compare(
@@ -152,9 +186,10 @@ def demo(
     quick: Annotated[bool, typer.Option(help="smaller settings: about 2 minutes")] = False,
     out: Annotated[Path, typer.Option(help="where the demo's runs and report go")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="seed of the students' runs")] = 0,
+    set_: SetOption = None,
 ):
     """Embedded data -> teacher -> student alone, KD, DKD -> report.md comparing them."""
     from .demo import run_demo
 
-    report = run_demo(out, quick=quick, seed=seed)
+    report = run_demo(out, quick=quick, seed=seed, overrides=set_ or [])
     console.print(f"report: {report}")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -60,10 +61,13 @@ def cached_teacher(overrides: list[str], console: Console) -> Path:
     return run_dir
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
-    """Run the whole demo into ``out``; returns the path of its ``report.md``."""
+def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """Run the whole demo into ``out``; returns the path of its ``report.md``.
+
+    ``overrides`` (``--set`` assignments) apply to every run, the teacher's included.
+    """
     console = Console()
-    shared = QUICK if quick else []
+    shared = [*(QUICK if quick else []), *overrides]
     teacher_dir = cached_teacher([*shared, *(QUICK_TEACHER if quick else [])], console)
     run_dirs = {"teacher": teacher_dir}
     for name in STUDENTS:

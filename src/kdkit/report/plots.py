@@ -14,13 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 NON_LOSS_KEYS = {"kind", "stage", "stage_index", "step", "epoch", "lr", "images_per_s"}
 
 
-def _stage_boundaries(axis, records: list[dict[str, Any]]) -> None:
-    seen: dict[int, float] = {}
-    for record in records:
-        seen.setdefault(record["stage_index"], record["epoch"])
-    for index, start in seen.items():
-        if index > 0:
-            axis.axvline(start, color="grey", linestyle=":", linewidth=1)
+def _finish(fig, axis, path: Path, title: str, ylabel: str) -> Path:
+    """Label an epoch-axis plot, save it as PNG and free the figure."""
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _run_epochs(records: list[dict[str, Any]]) -> list[float]:
@@ -49,16 +53,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path |
             label=key,
             linewidth=1.6 if key == "loss" else 1.0,
         )
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("training loss (term values unweighted)")
     axis.set_yscale("log")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, axis, path, title, "training loss (term values unweighted)")
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -71,21 +67,13 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> Path
     teacher = [r for r in history if r["kind"] == "teacher_eval"]
     if teacher:
         axis.axhline(teacher[-1]["top1"], color="black", linestyle="--", linewidth=1, label="teacher top-1")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("top-1 accuracy (%)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, axis, path, title, "top-1 accuracy (%)")
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Bar chart of mean best top-1 (± std) per method."""
     fig, axis = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    labels = [r["label"] for r in rows]
+    labels = [r["label"].replace(" (", "\n(") for r in rows]
     means = [r["best_top1_mean"] for r in rows]
     stds = [r["best_top1_std"] for r in rows]
     bars = axis.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
@@ -111,12 +99,4 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         evals = [r for r in records if r["kind"] == "eval"]
         axis.plot(_run_epochs(evals), [r["top1"] for r in evals], marker="o", markersize=3, label=label)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("top-1 accuracy (%)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, axis, path, title, "top-1 accuracy (%)")

@@ -1,0 +1,46 @@
+"""`kdkit demo`: the whole pipeline, shrunk to seconds in the default suite; the real --quick run is slow."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from kdkit.cli import app
+
+TINY = [
+    "--set", "data.params.train_size=128",
+    "--set", "data.params.test_size=64",
+    "--set", "data.batch_size=32",
+    "--set", "stages.0.epochs=1",
+    "--set", "stages.0.eval_every=1",
+    "--set", "runtime.progress=false",
+]  # fmt: skip
+
+
+def check_report(out):
+    report = (out / "report.md").read_text()
+    for row in ("| teacher (ResNet-20) |", "| student alone (ResNet-8) |", "| KD |", "| DKD |"):
+        assert row in report, report
+    for name in ("comparison.png", "curves.png"):
+        assert (out / name).stat().st_size > 10_000
+    for run in ("student-seed0", "kd-seed0", "dkd-seed0"):
+        assert (out / run / "student.safetensors").is_file()
+    return report
+
+
+def test_demo_pipeline_on_tiny_settings_reuses_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    first = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "a"), *TINY])
+    assert first.exit_code == 0, first.output
+    assert "teacher: training" in first.output
+    check_report(tmp_path / "a")
+    second = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "b"), *TINY])
+    assert second.exit_code == 0 and "teacher: reusing" in second.output
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    check_report(tmp_path / "demo")

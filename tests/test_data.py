@@ -59,7 +59,9 @@ def test_embedded_styles_share_content(tmp_path):
     rendered = small(tmp_path, "test", styles=list(emb.STYLES))
     n = len(rendered) // len(emb.STYLES)
     per_style = rendered.images.view(len(emb.STYLES), n, 3, 32, 32).float()
-    assert torch.equal(rendered.labels.view(len(emb.STYLES), n), rendered.labels[:n].expand(len(emb.STYLES), n))
+    assert torch.equal(
+        rendered.labels.view(len(emb.STYLES), n), rendered.labels[:n].expand(len(emb.STYLES), n)
+    )
     for k in range(1, len(emb.STYLES)):
         assert (per_style[k] - per_style[0]).abs().mean() > 5, emb.STYLES
 
@@ -174,8 +176,13 @@ def fake_cifar(root: Path, folder: str, files: list[str], meta: tuple[str, str, 
 
 def test_cifar10_fake_folder(tmp_path):
     train = [f"data_batch_{i}" for i in range(1, 6)]
-    fake_cifar(tmp_path, "cifar-10-batches-py", [*train, "test_batch"], ("batches.meta", "label_names", ["a", "b"]),
-               "labels")  # fmt: skip
+    fake_cifar(
+        tmp_path,
+        "cifar-10-batches-py",
+        [*train, "test_batch"],
+        ("batches.meta", "label_names", ["a", "b"]),
+        "labels",
+    )
     ds = build_dataset("cifar10", "train", root=str(tmp_path))
     assert ds.in_memory and ds.images.shape == (10, 3, 32, 32) and ds.classes == ["a", "b"]
     assert ds.labels.tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 0, 1]
@@ -185,8 +192,13 @@ def test_cifar10_fake_folder(tmp_path):
 
 
 def test_cifar100_fake_folder_and_missing(tmp_path):
-    fake_cifar(tmp_path, "cifar-100-python", ["train", "test"], ("meta", "fine_label_names", ["x", "y"]),
-               "fine_labels")  # fmt: skip
+    fake_cifar(
+        tmp_path,
+        "cifar-100-python",
+        ["train", "test"],
+        ("meta", "fine_label_names", ["x", "y"]),
+        "fine_labels",
+    )
     ds = build_dataset("cifar100", "test", root=str(tmp_path))
     assert len(ds) == 2 and ds.classes == ["x", "y"] and ds.labels.tolist() == [1, 1]
     with pytest.raises(KdkitError, match="cifar-10-batches-py.*point root.*download=true"):
@@ -210,12 +222,13 @@ def test_augment_flip_reverses_rows():
     aug = BatchAugment(crop_padding=0, mean=(0.0,), std=(1 / 255,))  # output = pixel values
     seen = set()
     for seed in range(20):
-        out = aug(image, torch.Generator().manual_seed(seed))
+        out = aug(image, torch.Generator().manual_seed(seed)).round()
         assert out.tolist() in ([[[[1, 2, 3], [4, 5, 6]]]], [[[[3, 2, 1], [6, 5, 4]]]])
         seen.add(out[0, 0, 0, 0].item())
     assert seen == {1.0, 3.0}
     no_flip = BatchAugment(crop_padding=0, flip=False, mean=(0.0,), std=(1 / 255,))
-    assert no_flip(image.expand(8, 1, 2, 3), torch.Generator().manual_seed(0)).tolist() == [image[0].tolist()] * 8
+    out = no_flip(image.expand(8, 1, 2, 3), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, image.float().expand(8, 1, 2, 3))  # padding 0, no flip: identity
 
 
 def test_augment_crop_is_a_shifted_window():
@@ -225,7 +238,12 @@ def test_augment_crop_is_a_shifted_window():
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1)).float()
     shifts = set()
     for b in range(32):
-        hits = [(i, j) for i in range(3) for j in range(3) if torch.equal(out[b], padded[b, :, i : i + 5, j : j + 5])]
+        hits = [
+            (i, j)
+            for i in range(3)
+            for j in range(3)
+            if torch.allclose(out[b], padded[b, :, i : i + 5, j : j + 5], atol=1e-3)
+        ]
         assert len(hits) == 1
         shifts.add(hits[0])
     assert len(shifts) > 4  # per-sample offsets

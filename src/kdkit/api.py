@@ -175,7 +175,9 @@ def profile_model(
 
 
 @torch.no_grad()
-def predict_images(run: str | Path, images: Sequence[str | Path], top: int = 3) -> list[list[tuple[str, float]]]:
+def predict_images(
+    run: str | Path, images: Sequence[str | Path], top: int = 3
+) -> list[list[tuple[str, float]]]:
     """The ``top`` most probable classes of each image file, as (class name, probability) pairs."""
     from .data.augment import BatchAugment
     from .data.folders import load_image
@@ -187,4 +189,5 @@ def predict_images(run: str | Path, images: Sequence[str | Path], top: int = 3) 
     probs = model(BatchAugment(0, False, spec.mean, spec.std).normalize(batch)).softmax(1)
     names = spec.classes or [str(i) for i in range(spec.num_classes)]
     values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-    return [[(names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]
+    ranked = zip(values.tolist(), indices.tolist())
+    return [[(names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in ranked]

@@ -133,7 +133,7 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config")], set_: S
 @app.command("profile")
 @user_errors
 def profile_cmd(
-    model: Annotated[str, typer.Argument(help="run directory, exported student, or model name (zoo/torchvision:/timm:)")],
+    model: Annotated[str, typer.Argument(help="run directory, exported student, or model name")],
     size: Annotated[int, typer.Option(help="input height and width for a model name")] = 32,
     num_classes: Annotated[int, typer.Option(help="classes for a model name")] = 100,
     batch: Annotated[int, typer.Option(help="batch size of the latency measurement")] = 1,

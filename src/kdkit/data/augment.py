@@ -49,7 +49,9 @@ class BatchAugment:
         flips = torch.rand(count, generator=generator, device=generator.device) < 0.5
         return offsets, flips & self.flip
 
-    def __call__(self, images: Tensor, generator: torch.Generator, total: int | None = None, start: int = 0) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, total: int | None = None, start: int = 0
+    ) -> Tensor:
         """Augment ``images``, the slice ``[start, start + B)`` of a batch of ``total`` samples.
 
         Parameters are drawn for the whole batch and sliced, so processes that each hold a slice of
@@ -58,7 +60,10 @@ class BatchAugment:
         b, _, h, w = images.shape
         p = self.crop_padding
         offsets, flips = self.sample(total or b, generator)
-        offsets, flips = offsets[start : start + b].to(images.device), flips[start : start + b].to(images.device)
+        offsets, flips = (
+            offsets[start : start + b].to(images.device),
+            flips[start : start + b].to(images.device),
+        )
         # one gather does crop and flip: source row/column of every output pixel, per sample
         cols = torch.arange(w, device=images.device).expand(b, w)
         cols = torch.where(flips[:, None], w - 1 - cols, cols) + offsets[:, 1:]

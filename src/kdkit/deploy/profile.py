@@ -44,7 +44,9 @@ def latency_ms(model: nn.Module, sample: torch.Tensor, repeats: int = 20, warmup
     return statistics.median(timings)
 
 
-def profile(model: nn.Module, image_size: tuple[int, int], batch: int = 1, device: str = "cpu") -> dict[str, float]:
+def profile(
+    model: nn.Module, image_size: tuple[int, int], batch: int = 1, device: str = "cpu"
+) -> dict[str, float]:
     """Parameters, GFLOPs per image and latency at ``batch`` of a model on ``device``."""
     sample = torch.zeros(batch, 3, *image_size, device=device)
     model = model.to(device)

@@ -30,8 +30,7 @@ def test_distill_with_names_and_with_modules(tmp_path):
 
     module = kdkit.build_model("resnet8", num_classes=10)
     before = module.fc.weight.detach().clone()
-    kdkit.distill(
-        module, None, data_params=data, terms={"ce": 1.0}, epochs=1, batch_size=32, runtime=runtime, name="mod"
-    )
+    settings = {"data_params": data, "epochs": 1, "batch_size": 32, "runtime": runtime}
+    kdkit.distill(module, None, terms={"ce": 1.0}, name="mod", **settings)
     assert not torch.equal(before, module.fc.weight.detach())  # the caller's module was trained in place
     assert (tmp_path / "runs" / "mod" / "student.safetensors").is_file()

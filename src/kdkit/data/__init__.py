@@ -1,0 +1,28 @@
+"""Datasets: registered builders ``fn(split, root=None, **params) -> ImageDataset``.
+
+Built in: ``embedded`` (procedural, the default), ``image_folder`` (your images), ``cifar10``
+and ``cifar100`` (local torchvision-format folders). See :mod:`kdkit.data.base` for the contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..errors import KdkitError
+from ..registry import DATASETS, did_you_mean
+from . import cifar, embedded, folders  # noqa: F401  (imported so they register)
+from .augment import BatchAugment
+from .base import ImageDataset
+
+__all__ = ["BatchAugment", "ImageDataset", "build_dataset"]
+
+
+def build_dataset(name: str, split: str, **params: Any) -> ImageDataset:
+    """Build a registered dataset; an unknown parameter raises KdkitError naming the valid ones."""
+    builder = DATASETS.get(name)
+    valid = [p for p in inspect.signature(builder).parameters if p != "split"]
+    for key in params:
+        if key not in valid:
+            raise KdkitError(f"dataset '{name}' has no parameter '{key}'{did_you_mean(key, valid)}")
+    return builder(split=split, **params)

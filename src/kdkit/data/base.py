@@ -1,0 +1,94 @@
+"""The dataset contract shared by every registered dataset.
+
+A dataset builder is ``fn(split, root=None, **params) -> ImageDataset``. Items are
+``(image uint8 [C,H,W], label int)``; datasets hold no randomness (augmentation happens on
+batches, see :mod:`kdkit.data.augment`). A dataset whose split fits in memory also exposes
+``images`` (uint8 ``[N,C,H,W]``) and ``labels`` (int64 ``[N]``), and the engine indexes them directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import KdkitError
+from ..registry import did_you_mean
+
+Stats = tuple[float, ...]
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$KDKIT_CACHE/<parts>``, default ``~/.cache/kdkit/<parts>``."""
+    base = os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit"
+    return Path(base).joinpath(*parts)
+
+
+def check_split(split: str, splits: tuple[str, ...] | list[str], dataset: str) -> None:
+    if split not in splits:
+        raise KdkitError(f"dataset '{dataset}' has no split '{split}'{did_you_mean(split, list(splits))}")
+
+
+def channel_stats(images: Tensor | list[Tensor], max_items: int = 2000) -> tuple[Stats, Stats]:
+    """Per-channel mean/std in [0,1] units of uint8 images (``[N,C,H,W]`` or a list of ``[C,H,W]``).
+
+    Uses an evenly spaced subsample of at most ``max_items`` images, so it is deterministic.
+    """
+    sample = images[:: max(1, len(images) // max_items)]
+    x = torch.cat([im.reshape(im.shape[0], -1) for im in sample], 1).to(torch.float64).div_(255)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+class ImageDataset(Dataset):
+    """Labelled images with class names and normalisation statistics.
+
+    Subclasses that stream implement ``__len__``/``__getitem__``; in-memory ones set
+    ``images``/``labels`` (see :class:`TensorDataset`).
+    """
+
+    images: Tensor | None = None
+    labels: Tensor | None = None
+
+    def __init__(self, classes: list[str], mean: Stats, std: Stats) -> None:
+        self.classes = list(classes)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        assert self.labels is not None
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        assert self.images is not None and self.labels is not None
+        return self.images[index], int(self.labels[index])
+
+
+class TensorDataset(ImageDataset):
+    """A split held in memory; mean/std are computed from the images when not given."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        classes: list[str],
+        mean: Stats | None = None,
+        std: Stats | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+        if mean is None or std is None:
+            mean, std = channel_stats(images)
+        super().__init__(classes, mean, std)
+        self.images = images
+        self.labels = labels.to(torch.int64)

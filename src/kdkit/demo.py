@@ -33,6 +33,11 @@ QUICK = [
 ]
 QUICK_TEACHER = ["stages.0.epochs=10"]
 QUICK_DKD = ["terms.1.warmup_epochs=1"]
+QUICK_NOTE = [
+    "",
+    "`--quick` checks the whole pipeline in about a minute; its runs are too short to learn this dataset",
+    "(accuracies stay near chance). `kdkit demo` (about 12 minutes on 2 CPU cores) gives the comparison.",
+]
 
 
 def preset(name: str) -> Path:
@@ -109,6 +114,7 @@ def write_demo_report(out: Path, run_dirs: dict[str, Path], quick: bool) -> Path
         comparison_table(rows),
         "",
         *gains,
+        *(QUICK_NOTE if quick else []),
         "",
         "![comparison](comparison.png)",
         "",

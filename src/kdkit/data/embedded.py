@@ -104,28 +104,15 @@ PATTERNS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
 
 # The first ``num_classes`` (pattern, shape) pairs are the classes; each shape and each pattern
 # appears in several classes, so a class is a conjunction of two attributes of the same object.
+# fmt: off
 CLASS_TABLE: tuple[tuple[str, str], ...] = (
-    ("striped", "circle"),
-    ("dotted", "square"),
-    ("checked", "triangle"),
-    ("plain", "star"),
-    ("banded", "hexagon"),
-    ("dotted", "circle"),
-    ("striped", "square"),
-    ("plain", "triangle"),
-    ("checked", "hexagon"),
-    ("banded", "star"),
-    ("striped", "triangle"),
-    ("checked", "circle"),
-    ("dotted", "hexagon"),
-    ("banded", "square"),
-    ("plain", "plus"),
-    ("striped", "ring"),
-    ("dotted", "star"),
-    ("checked", "moon"),
-    ("banded", "plus"),
-    ("plain", "ring"),
+    ("striped", "circle"), ("dotted", "square"), ("checked", "triangle"), ("plain", "star"),
+    ("banded", "hexagon"), ("dotted", "circle"), ("striped", "square"), ("plain", "triangle"),
+    ("checked", "hexagon"), ("banded", "star"), ("striped", "triangle"), ("checked", "circle"),
+    ("dotted", "hexagon"), ("banded", "square"), ("plain", "plus"), ("striped", "ring"),
+    ("dotted", "star"), ("checked", "moon"), ("banded", "plus"), ("plain", "ring"),
 )
+# fmt: on
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -201,7 +188,6 @@ def _layer(c: dict[str, Array], layer: Array) -> dict[str, Array]:
 
 def render_content(c: dict[str, Array], size: int) -> Array:
     """Day rendering at supersampled resolution, float32 ``[N,S,S,3]`` in [0,1]."""
-    n = len(c["labels"])
     xs, ys = _grid(size)
     w = c["bg_waves"].astype(np.float32)
     field = sum(

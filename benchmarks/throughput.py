@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.md")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as kdkit does on the CPU (see kdkit.engine.distributed.resolve_device)
     rows = []
     base = None
     for precision in ("fp32", "bf16"):

@@ -8,7 +8,12 @@ same content with the same label: ``day`` is clean, the others degrade it (``nig
 
 Splits are written once as an image-folder tree that :func:`kdkit.data.folders.image_folder`
 reads, ``<root>/<version-hash>/<style>/<split>/<class>/<index>.png``, plus a ``tensors.npz``
-of the same pixels for fast loading. The hash covers the generator version and parameters.
+of the same pixels for fast loading. The hash covers the generator version and parameters;
+bump ``VERSION`` whenever the rendering changes.
+
+Difficulty (defaults, day, 25 epochs of SGD with crop+flip): ResNet-20 reaches about 84-87%
+top-1 and ResNet-8 about 68-74%. Both sit near chance for the first ~5 epochs, so very short
+schedules (or a few thousand images) leave even the teacher untrained.
 """
 
 from __future__ import annotations

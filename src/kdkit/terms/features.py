@@ -267,11 +267,11 @@ class FitNet(_SingleTapTerm):
 
 @TERMS.register("at", "Zagoruyko & Komodakis 2017: attention transfer between stage outputs")
 class AT(_MultiTapTerm):
-    """Attention transfer: mean of :func:`at_loss` over the tap pairs.
+    """Attention transfer: sum of :func:`at_loss` over the tap pairs (Eq. 2 sums over ``j in I``).
 
     Unset taps default to the last ``min(n_student, n_teacher)`` declared feature taps of each
     model (all of them when both have as many stages). The paper's ``beta = 1000`` is the config
-    ``weight``; note the CRD/mdistiller code sums over pairs where this term averages.
+    ``weight``; summing over pairs as the paper and the CRD/mdistiller code do keeps that weight.
     """
 
     def __init__(
@@ -301,12 +301,12 @@ class AT(_MultiTapTerm):
                     )
 
     def forward(self, view: StepView) -> Tensor:
-        return torch.stack([at_loss(s, t, self.p) for s, t in self._pairs(view)]).mean()
+        return torch.stack([at_loss(s, t, self.p) for s, t in self._pairs(view)]).sum()
 
 
 @TERMS.register("sp", "Tung & Mori 2019: similarity-preserving KD on batch similarity matrices")
 class SP(_MultiTapTerm):
-    """Similarity preserving: mean of :func:`sp_loss` over the tap pairs.
+    """Similarity preserving: sum of :func:`sp_loss` over the tap pairs (the paper's Eq. 4).
 
     Unset taps default to the last declared feature tap of each model. The paper's
     ``gamma = 3000`` is the config ``weight``.
@@ -321,7 +321,7 @@ class SP(_MultiTapTerm):
         return 1
 
     def forward(self, view: StepView) -> Tensor:
-        return torch.stack([sp_loss(s, t) for s, t in self._pairs(view)]).mean()
+        return torch.stack([sp_loss(s, t) for s, t in self._pairs(view)]).sum()
 
 
 @TERMS.register("rkd", "Park et al. 2019: relational KD, distance- and angle-wise relations of embeddings")

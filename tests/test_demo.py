@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+import kdkit
 from kdkit.cli import app
 
 TINY = [
@@ -36,6 +37,21 @@ def test_demo_pipeline_on_tiny_settings_reuses_the_teacher(tmp_path, monkeypatch
     check_report(tmp_path / "a")
     second = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "b"), *TINY])
     assert second.exit_code == 0 and "teacher: reusing" in second.output
+    # the README's API example distills from the teacher the demo leaves in <out>/teacher
+    teacher = tmp_path / "a" / "teacher" / "student.safetensors"
+    assert teacher.is_file()
+    summary = kdkit.distill(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=teacher,
+        data_params={"train_size": 128, "test_size": 64},
+        terms={"ce": 0.1, "kd": (0.9, {"temperature": 4})},
+        epochs=1,
+        batch_size=32,
+        runtime=kdkit.RuntimeConfig(precision="bf16", out_dir=str(tmp_path / "api"), progress=False),
+        name="kd",
+    )
+    assert summary["teacher_top1"] > 0 and kdkit.load_student(tmp_path / "api" / "kd")[1].model == "resnet8"
 
 
 @pytest.mark.slow

@@ -74,7 +74,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[
     console = Console()
     shared = [*(QUICK if quick else []), *overrides]
     teacher_dir = cached_teacher([*shared, *(QUICK_TEACHER if quick else [])], console)
-    run_dirs = {"teacher": teacher_dir}
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "teacher"  # so configs/demo/kd.yaml and the README's API example find the teacher
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
+    run_dirs = {"teacher": link}
     for name in STUDENTS:
         overrides = [
             *shared,

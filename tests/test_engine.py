@@ -145,3 +145,13 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     )
     with pytest.raises(KdkitError, match="non-finite loss.*Lower the learning rate"):
         train_from_config(config)
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_and_exports(tmp_path):
+    config = tiny_config(tmp_path, name="compiled")
+    config.runtime.compile = True
+    summary = train_from_config(config)
+    model = build_model("resnet8", num_classes=10)
+    load_weights(model, tmp_path / "runs" / "compiled" / "student.safetensors")  # no torch.compile prefixes
+    assert math.isfinite(summary["last_top1"])

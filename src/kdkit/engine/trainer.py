@@ -135,6 +135,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.name = name
         self.mean, self.std = tuple(mean), tuple(std)
+        self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
@@ -147,8 +148,7 @@ class Trainer:
 
     def prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float input on the device, in the run's memory format."""
-        augment = BatchAugment(0, False, self.mean, self.std)
-        return augment.normalize(images.to(self.device)).contiguous(memory_format=self.memory_format)
+        return self._normalize.normalize(images.to(self.device)).contiguous(memory_format=self.memory_format)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.info.main:

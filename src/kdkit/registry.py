@@ -64,10 +64,6 @@ class Registry:
 
         return add
 
-    def add(self, name: str, obj: Callable[..., Any], description: str) -> None:
-        """Register without a decorator (builders made at import time, e.g. from a list)."""
-        self.register(name, description)(obj)
-
     def get(self, name: str) -> Callable[..., Any]:
         entry = self._entries.get(name)
         if entry is None:

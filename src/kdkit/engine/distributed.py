@@ -62,15 +62,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's value of ``flag`` on every rank (e.g. 'stop: the loss is NaN')."""
-    if not info.active:
-        return flag
-    tensor = torch.tensor([1 if flag else 0])
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def all_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of a tensor over processes (for logged losses)."""
     if not info.active:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models import build_model, load_weights, save_weights
+from kdkit.models import build_model, load_weights, save_weights, seg_compact, seg_resnet
 from kdkit.registry import MODELS
 from kdkit.taps import Taps, dry_run, split_key
 
@@ -89,7 +89,11 @@ def _check_taps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+SEGMENTERS = {*seg_resnet.SEG_MODELS, *seg_compact.SEG_MODELS, "spirit"}  # swept in test_seg_models
+CLASSIFIERS = [n for n in MODELS.names() if n not in SEGMENTERS]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_zoo_model_trains_and_declares_taps(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name, num_classes=10).train()

@@ -461,6 +461,46 @@ def student_teacher() -> tuple[TinyConvNet, TinyConvNet]:
     return TinyConvNet((4, 8, 8)), TinyConvNet((6, 8, 12, 16))
 
 
+class TinySegNet(nn.Module):
+    """A small fully convolutional net declaring its taps like a segmentation zoo model.
+
+    ``front`` names the first block (``spirit``'s default taps: the student's ``extractor``, the
+    teacher's ``backbone``); stride-2 stages follow and a 1x1 classifier whose score map is
+    upsampled to the input size.
+    """
+
+    def __init__(self, front: str, widths: tuple[int, ...], num_classes: int = 5) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.ReLU())
+
+        self.add_module(front, block(3, widths[0], 1))
+        self.front = front
+        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
+            self.add_module(f"layer{i + 1}", block(c_in, c_out, 2))
+        self.classifier = nn.Conv2d(widths[-1], num_classes, 1)
+        self.feature_taps = tuple(f"layer{i + 1}" for i in range(len(widths) - 1))
+        self.embedding_tap = "classifier:input"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        x = self.get_submodule(self.front)(x)
+        for name in self.feature_taps:
+            x = self.get_submodule(name)(x)
+        return nn.functional.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
+
+
+# Terms that need score maps and masks: swept on TinySegNet with dense labels (255 = ignore).
+SEGMENTATION_TERMS = {"cwd", "i2ckd", "spirit"}
+
+
+def seg_student_teacher() -> tuple[TinySegNet, TinySegNet]:
+    torch.manual_seed(0)
+    # 8x8 inputs: student embedding 8 channels at 4x4, teacher 16 channels at 2x2; fronts 4 vs 6 wide
+    return TinySegNet("extractor", (4, 8)), TinySegNet("backbone", (6, 12, 16))
+
+
 def test_default_taps_from_declared_model_taps():
     student, teacher = student_teacher()
     cases = [
@@ -501,10 +541,13 @@ def test_unresolvable_taps_raise_naming_term_and_argument():
 
 @pytest.mark.parametrize("name", TERMS.names())
 def test_every_registered_term_trains_on_real_taps(name):
-    student, teacher = student_teacher()
+    dense = name in SEGMENTATION_TERMS
+    student, teacher = seg_student_teacher() if dense else student_teacher()
     term = TERMS.build(name)
     term.resolve_taps(student, teacher)
-    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6, 8, 8) if dense else (6,))
+    if dense:
+        y[:, :2, :3] = 255
     s_shapes = dry_run(student, x[:2], term.student_taps(), "student")
     t_shapes = dry_run(teacher, x[:2], term.teacher_taps(), "teacher")
     term.bind(s_shapes, t_shapes)
@@ -519,5 +562,5 @@ def test_every_registered_term_trains_on_real_taps(name):
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-    if name == "fitnet":
-        assert list(term.parameters()), "fitnet should own a connector with parameters here"
+    if name in {"fitnet", "i2ckd", "spirit"}:
+        assert list(term.parameters()), f"{name} should own a connector with parameters here"

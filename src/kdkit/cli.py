@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .engine.tasks import METRIC_LABELS
 from .errors import KdkitError
 
 app = typer.Typer(
@@ -82,8 +83,11 @@ def train(
         if config is None:
             raise KdkitError("give a CONFIG file (see configs/) or --resume RUN_DIR")
         summary = train_from_config(config, set_ or [], run_dir=out)
-    if summary.get("best_top1") is not None:
-        console.print(f"best top-1 {summary['best_top1']:.2f}%  last top-1 {summary['last_top1']:.2f}%")
+    metric = summary.get("metric", "top1")
+    if summary.get(f"best_{metric}") is not None:
+        label = METRIC_LABELS[metric]
+        best, last = summary[f"best_{metric}"], summary[f"last_{metric}"]
+        console.print(f"best {label} {best:.2f}  last {label} {last:.2f}")
 
 
 @app.command("eval")
@@ -183,13 +187,26 @@ def compare(
 @app.command()
 @user_errors
 def demo(
-    quick: Annotated[bool, typer.Option(help="smaller settings: about 2 minutes")] = False,
-    out: Annotated[Path, typer.Option(help="where the demo's runs and report go")] = Path("runs/demo"),
+    task: Annotated[str, typer.Option(help="classification or segmentation")] = "classification",
+    quick: Annotated[bool, typer.Option(help="smaller settings: a pipeline check in a few minutes")] = False,
+    out: Annotated[Path | None, typer.Option(help="output folder [runs/demo(-segmentation)]")] = None,
     seed: Annotated[int, typer.Option(help="seed of the students' runs")] = 0,
     set_: SetOption = None,
 ):
-    """Embedded data -> teacher -> student alone, KD, DKD -> report.md comparing them."""
-    from .demo import run_demo
+    """Embedded data -> teacher -> students -> report.md comparing them.
 
-    report = run_demo(out, quick=quick, seed=seed, overrides=set_ or [])
+    classification: student alone, KD, DKD. segmentation: student alone, CWD, I2CKD, Spirit
+    Distillation and Enhanced Spirit Distillation at several r.
+    """
+    if task == "classification":
+        from .demo import run_demo
+
+        report = run_demo(out or Path("runs/demo"), quick=quick, seed=seed, overrides=set_ or [])
+    elif task == "segmentation":
+        from .demo_segmentation import run_segmentation_demo
+
+        out = out or Path("runs/demo-segmentation")
+        report = run_segmentation_demo(out, quick=quick, seed=seed, overrides=set_ or [])
+    else:
+        raise KdkitError(f"--task must be classification or segmentation, not '{task}'")
     console.print(f"report: {report}")

@@ -1,6 +1,7 @@
 """Typed run configuration: YAML files, ``--set a.b=value`` overrides, one-line validation errors.
 
-A run is ``task``, ``data``, ``teacher``, ``student``, ``terms``, ``refiners``, ``stages`` and ``runtime``.
+A run is ``task``, ``data``, ``evaluation``, ``teacher``, ``student``, ``terms``, ``refiners``,
+``stages`` and ``runtime``.
 The YAML is a view of the Python API: model, dataset and term entries name a registered builder and
 pass their remaining keys to its signature, which is checked here (unknown keys are errors naming the
 nearest valid key). A file may start from another with ``base: other.yaml`` (deep-merged, lists replaced).
@@ -36,8 +37,30 @@ class ModelConfig(Strict):
 
 
 class AugmentConfig(Strict):
-    crop_padding: int = Field(4, ge=0)
+    """Training augmentation. Classification: padded random crop + flip. Segmentation: random scale,
+    crop (padding images with 0 and masks with the ignore index), flip; masks use nearest neighbours."""
+
+    crop_padding: int = Field(4, ge=0, description="classification: zero padding of the random crop")
     flip: bool = True
+    scale: tuple[float, float] = Field((1.0, 1.0), description="segmentation: random rescale range")
+    crop: tuple[int, int] | None = Field(None, description="segmentation: [H, W] crop; default image size")
+
+    @model_validator(mode="after")
+    def _ordered_scale(self) -> AugmentConfig:
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
+
+class MixConfig(Strict):
+    """A second dataset mixed into the training split at ``ratio`` = target images per mixed-in image
+    (Enhanced Spirit Distillation's r; 0 means mixed-in images only)."""
+
+    name: str
+    root: str | None = None
+    split: str = "train"
+    params: dict[str, Any] = {}
+    ratio: float = Field(1.0, ge=0)
 
 
 class DataConfig(Strict):
@@ -53,6 +76,23 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
     augment: AugmentConfig = AugmentConfig()
+    mix: MixConfig | None = Field(None, description="unlabelled proximity-domain images mixed into training")
+
+
+class EvalConfig(Strict):
+    """How segmentation is evaluated: whole images or overlapping sliding windows, and the
+    HP-Acc threshold of Spirit Distillation (Eq. 7-8)."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop: tuple[int, int] | None = Field(None, description="slide: window [H, W]")
+    stride: tuple[int, int] | None = Field(None, description="slide: step [H, W]; default 2/3 of the window")
+    hp_threshold: float = Field(0.75, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _window(self) -> EvalConfig:
+        if self.mode == "slide" and self.crop is None:
+            raise ValueError("mode 'slide' needs crop: [H, W]")
+        return self
 
 
 class TermConfig(BaseModel):
@@ -134,8 +174,9 @@ class RuntimeConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "run"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     data: DataConfig = DataConfig()
+    evaluation: EvalConfig = EvalConfig()
     teacher: ModelConfig | None = None
     student: ModelConfig
     terms: list[TermConfig] = [TermConfig(name="ce")]
@@ -336,6 +377,7 @@ def check_models_and_data(config: RunConfig, source: str = "config", text: str |
     datas = [(("data",), config.data)] + [
         (("stages", i, "data"), s.data) for i, s in enumerate(config.stages) if s.data
     ]
+    datas += [((*loc, "mix"), data.mix) for loc, data in datas if data.mix is not None]
     for loc, data in datas:
         if data.name not in DATASETS:
             raise ConfigError(

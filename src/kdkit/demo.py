@@ -53,9 +53,9 @@ def _fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_teacher(overrides: list[str], console: Console) -> Path:
-    """Train the demo teacher once per configuration; later calls reuse it from the cache."""
-    config = load_config(preset("demo/teacher.yaml"), overrides)
+def cached_teacher(overrides: list[str], console: Console, teacher_preset: str = "demo/teacher.yaml") -> Path:
+    """Train a demo teacher once per configuration; later calls reuse it from the cache."""
+    config = load_config(preset(teacher_preset), overrides)
     run_dir = cache_dir("teachers", _fingerprint(config))
     if (run_dir / "summary.json").is_file() and (run_dir / "student.safetensors").is_file():
         console.print(f"teacher: reusing {run_dir}")
@@ -66,6 +66,16 @@ def cached_teacher(overrides: list[str], console: Console) -> Path:
     return run_dir
 
 
+def link_teacher(out: Path, teacher_dir: Path) -> Path:
+    """``<out>/teacher`` -> the cached teacher, so the presets and the README's examples find it."""
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "teacher"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
+    return link
+
+
 def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
     """Run the whole demo into ``out``; returns the path of its ``report.md``.
 
@@ -74,12 +84,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[
     console = Console()
     shared = [*(QUICK if quick else []), *overrides]
     teacher_dir = cached_teacher([*shared, *(QUICK_TEACHER if quick else [])], console)
-    out.mkdir(parents=True, exist_ok=True)
-    link = out / "teacher"  # so configs/demo/kd.yaml and the README's API example find the teacher
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
-    run_dirs = {"teacher": link}
+    run_dirs = {"teacher": link_teacher(out, teacher_dir)}
     for name in STUDENTS:
         overrides = [
             *shared,

@@ -1,7 +1,10 @@
 """Datasets: registered builders ``fn(split, root=None, **params) -> ImageDataset``.
 
 Built in: ``embedded`` (procedural, the default), ``image_folder`` (your images), ``cifar10``
-and ``cifar100`` (local torchvision-format folders). See :mod:`kdkit.data.base` for the contract.
+and ``cifar100`` (local torchvision-format folders); segmentation, streamed from disk:
+``segmentation_folder`` (your masks), ``unlabeled_folder`` (images without masks),
+``cityscapes``, ``voc`` and ``camvid`` (their standard layouts). See :mod:`kdkit.data.base` for
+the contract.
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ from typing import Any
 
 from ..errors import KdkitError
 from ..registry import DATASETS, did_you_mean
-from . import cifar, embedded, folders  # noqa: F401  (imported so they register)
+from . import (  # noqa: F401  (imported so they register)
+    camvid,
+    cifar,
+    cityscapes,
+    embedded,
+    folders,
+    segfolders,
+    voc,
+)
 from .augment import BatchAugment
 from .base import ImageDataset
 

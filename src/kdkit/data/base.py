@@ -1,9 +1,12 @@
 """The dataset contract shared by every registered dataset.
 
-A dataset builder is ``fn(split, root=None, **params) -> ImageDataset``. Items are
-``(image uint8 [C,H,W], label int)``; datasets hold no randomness (augmentation happens on
-batches, see :mod:`kdkit.data.augment`). A dataset whose split fits in memory also exposes
-``images`` (uint8 ``[N,C,H,W]``) and ``labels`` (int64 ``[N]``), and the engine indexes them directly.
+A dataset builder is ``fn(split, root=None, **params) -> ImageDataset``. Classification items are
+``(image uint8 [C,H,W], label int)``; segmentation items (:class:`SegmentationDataset`) are
+``(image uint8 [3,H,W], mask uint8 [H,W])`` with class indices and :data:`IGNORE_INDEX` (255) for
+pixels without a label. Datasets hold no randomness (augmentation happens on batches, see
+:mod:`kdkit.data.augment`). A dataset whose split fits in memory also exposes ``images`` (uint8
+``[N,C,H,W]``) and ``labels`` (int64 ``[N]``, or uint8 masks ``[N,H,W]``), and the engine indexes
+them directly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ from ..errors import KdkitError
 from ..registry import did_you_mean
 
 Stats = tuple[float, ...]
+
+IGNORE_INDEX = 255
+"""Mask value of pixels that carry no label (Cityscapes/VOC convention); losses and metrics skip them."""
+
+IMAGENET_MEAN: Stats = (0.485, 0.456, 0.406)
+IMAGENET_STD: Stats = (0.229, 0.224, 0.225)
+"""Normalisation of ImageNet-pretrained backbones, used by the real-world segmentation layouts."""
 
 
 def cache_dir(*parts: str) -> Path:
@@ -49,6 +59,7 @@ class ImageDataset(Dataset):
     ``images``/``labels`` (see :class:`TensorDataset`).
     """
 
+    task = "classification"
     images: Tensor | None = None
     labels: Tensor | None = None
 
@@ -92,3 +103,43 @@ class TensorDataset(ImageDataset):
         super().__init__(classes, mean, std)
         self.images = images
         self.labels = labels.to(torch.int64)
+
+
+class SegmentationDataset(ImageDataset):
+    """Images with dense masks: items ``(image uint8 [3,H,W], mask uint8 [H,W])``.
+
+    Mask values are class indices ``0..num_classes-1`` or :data:`IGNORE_INDEX`. Images of one split
+    may differ in size (VOC); the engine crops training batches to a common size. Streaming
+    subclasses implement ``__len__``/``__getitem__``; in-memory ones set ``images``/``labels``.
+    """
+
+    task = "segmentation"
+    ignore_index = IGNORE_INDEX
+
+
+class SegmentationTensorDataset(SegmentationDataset):
+    """A segmentation split in memory: ``images`` uint8 ``[N,3,H,W]``, ``labels`` uint8 masks ``[N,H,W]``."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        classes: list[str],
+        mean: Stats | None = None,
+        std: Stats | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+        if masks.dim() != 3 or masks.shape[0] != images.shape[0] or masks.shape[1:] != images.shape[2:]:
+            raise ValueError(
+                f"masks must be [N,H,W] matching images {tuple(images.shape)}, got {tuple(masks.shape)}"
+            )
+        if mean is None or std is None:
+            mean, std = channel_stats(images)
+        super().__init__(classes, mean, std)
+        self.images = images
+        self.labels = masks.to(torch.uint8)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        assert self.images is not None and self.labels is not None
+        return self.images[index], self.labels[index]

@@ -177,10 +177,11 @@ def draw_content(rng: np.random.Generator, labels: Array, num_classes: int, size
     }
 
 
-def _grid(size: int) -> tuple[Array, Array]:
-    """Pixel-centre coordinates (in output-pixel units) of the supersampled canvas."""
-    g = ((np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE).astype(np.float32)
-    return g[None, None, :], g[None, :, None]
+def _grid(size: int | tuple[int, int]) -> tuple[Array, Array]:
+    """Pixel-centre coordinates (output-pixel units) of the supersampled canvas; ``size`` is S or (H, W)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    gx, gy = (((np.arange(k * SUPERSAMPLE) + 0.5) / SUPERSAMPLE).astype(np.float32) for k in (w, h))
+    return gx[None, None, :], gy[None, :, None]
 
 
 def _layer(c: dict[str, Array], layer: Array) -> dict[str, Array]:
@@ -237,9 +238,15 @@ def _hash01(*ints: Array) -> Array:
 
 
 def _particles(
-    rng: np.random.Generator, n: int, size: int, cell: float, stretch: float, angle: Array, radius: float
+    rng: np.random.Generator,
+    n: int,
+    size: int | tuple[int, int],
+    cell: float,
+    stretch: float,
+    angle: Array,
+    radius: float,
 ) -> Array:
-    """Soft particles (one per cell at a random offset) on a rotated, stretched lattice: ``[N,S,S]``."""
+    """Soft particles (one per cell at a random offset) on a rotated, stretched lattice: ``[N,H,W]``."""
     xs, ys = _grid(size)
     seed = rng.integers(0, 2**31, n)[:, None, None]
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]

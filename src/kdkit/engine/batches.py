@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,14 +29,22 @@ def generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([image for image, _ in items])
-    labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
-    return images, labels
+def _collate(items: list[tuple[torch.Tensor, Any]]) -> tuple[Any, Any]:
+    """Stack images and labels (class ids, or masks); differently sized images stay lists."""
+    images = [image for image, _ in items]
+    labels = [label for _, label in items]
+    if isinstance(labels[0], torch.Tensor) and labels[0].dim() > 0:
+        if any(image.shape != images[0].shape for image in images):
+            return images, labels
+        return torch.stack(images), torch.stack(labels)
+    return torch.stack(images), torch.as_tensor([int(label) for label in labels], dtype=torch.long)
 
 
 class Batches:
     """Batches of one dataset for this process: ``(images uint8 [b,C,H,W], labels [b])``.
+
+    Segmentation labels are masks ``[b,H,W]``; a batch of differently sized images (and masks)
+    comes as two lists.
 
     In-memory datasets (``dataset.in_memory``) are indexed directly; others go through a
     ``DataLoader`` whose workers decode images, fed with the same precomputed index lists.

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import DataConfig, ModelConfig, RunConfig, TermConfig, dump_config
 from ..data import build_dataset
+from ..data.mixing import MixedDataset
 from ..deploy.export import ModelSpec
 from ..errors import ConfigError
 from ..models import build_model, load_weights
@@ -23,6 +24,7 @@ from ..registry import TERMS
 from .callbacks import Callback, ProgressBar
 from .distiller import Distiller, WeightedTerm
 from .distributed import init_distributed, resolve_device, sync_batchnorm
+from .tasks import build_task
 from .trainer import Stage, Trainer
 
 
@@ -39,7 +41,13 @@ class DataCache:
         return self._built[key]
 
     def train(self, data: DataConfig) -> Any:
-        return self.get(data, data.train_split, data.params)
+        """The training split, with ``data.mix`` images mixed in when set (see :mod:`kdkit.data.mixing`)."""
+        train = self.get(data, data.train_split, data.params)
+        if data.mix is None:
+            return train
+        mix = data.mix
+        other = self.get(DataConfig(name=mix.name, root=mix.root), mix.split, mix.params)
+        return MixedDataset(train, other, mix.ratio)
 
     def eval(self, data: DataConfig) -> Any:
         return self.get(data, data.eval_split, {**data.params, **data.eval_params})
@@ -81,6 +89,18 @@ def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec
     )
 
 
+def dry_run_batch(trainer: Trainer, stage: Stage) -> torch.Tensor:
+    """Two training images as the first stage's augmentation shapes them (connectors are built
+    from the shapes training produces, e.g. the segmentation crop)."""
+    items = [stage.train_data[i] for i in range(min(2, len(stage.train_data)))]
+    images, labels = [im for im, _ in items], [lb for _, lb in items]
+    if trainer.task.name == "classification":
+        images, labels = torch.stack(images), torch.as_tensor([int(lb) for lb in labels])
+    augment = trainer.task.augmenter(stage.augment)
+    batch, _ = augment(images, labels, torch.Generator().manual_seed(0), total=len(items), start=0)
+    return batch.to(trainer.device).contiguous(memory_format=trainer.memory_format)
+
+
 @dataclass
 class BuiltRun:
     trainer: Trainer
@@ -113,6 +133,7 @@ def build_run(
     torch.manual_seed(runtime.seed)
     cache = DataCache()
     first = cache.train(config.data)
+    task = build_task(config.task, first, config.evaluation)
     num_classes = first.num_classes
     student = modules.get("student") or build_network(config.student, num_classes, "student")
     teacher = None
@@ -167,8 +188,10 @@ def build_run(
         device=device,
         callbacks=[*extra, RunOutputs(spec, dump_config(config))],
         name=config.name,
+        task=task,
+        evaluate_teacher=config.teacher is not None and config.teacher.num_classes in (None, num_classes),
     )
-    sample = trainer.prepare_eval(torch.stack([stages[0].eval_data[i][0] for i in range(2)]))
+    sample = dry_run_batch(trainer, stages[0])
     shapes = distiller.setup(sample)
     distiller.to(device)  # connectors built by setup
     if runtime.channels_last:

@@ -65,7 +65,8 @@ class ProgressBar(Callback):
         if record["kind"] == "train":
             self.latest = f"loss {record['loss']:.3f}  {record['images_per_s']:.0f} img/s"
         elif record["kind"] == "eval":
-            self.latest += f"  top1 {record['top1']:.2f}"
+            metric = trainer.task.metric
+            self.latest += f"  {metric} {record[metric]:.2f}"
 
     def on_stage_end(self, trainer: Trainer, stage: Stage) -> None:
         if self.progress is not None:

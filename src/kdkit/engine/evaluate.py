@@ -1,17 +1,20 @@
-"""Evaluation: top-1/top-5 accuracy and loss with torchmetrics (synced across processes)."""
+"""Evaluation: top-1/top-5 accuracy (classification) or mIoU and Spirit Distillation's robustness
+figures (segmentation), with the loss; synced across processes."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..taps import main_output
 from .batches import Batches
+from .segmetrics import SegmentationMeter, slide_logits
 
 
 def autocast(device: torch.device, precision: str):
@@ -55,3 +58,56 @@ def evaluate(
         "top5": 100.0 * top5.compute().item(),
         "loss": loss.compute().item(),
     }
+
+
+def _dense_logits(model: nn.Module, x: Tensor, size: tuple[int, int], config, num_classes: int) -> Tensor:
+    """Score maps of one batch at the mask's ``size``: whole-image or sliding-window inference."""
+    if config.mode == "slide":
+        crop = tuple(config.crop)
+        stride = tuple(config.stride) if config.stride else tuple(max(1, c * 2 // 3) for c in crop)
+        logits = slide_logits(lambda t: main_output(model(t)), x, num_classes, crop, stride)
+    else:
+        logits = main_output(model(x))
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    batches: Batches,
+    prepare,
+    num_classes: int,
+    device: torch.device,
+    precision: str,
+    config,
+    ignore_index: int = 255,
+) -> dict[str, Any]:
+    """mIoU, per-class IoU, pixel accuracy, per-image mIoU with its variance and HP-Acc, and the mean
+    pixel cross-entropy of ``model`` (see :class:`~kdkit.engine.segmetrics.SegmentationMeter`).
+
+    ``config`` is an :class:`~kdkit.config.EvalConfig` (whole or sliding-window inference). Batches of
+    differently sized images (lists) are run one image at a time.
+    """
+    meter = SegmentationMeter(num_classes, ignore_index=ignore_index, hp_threshold=config.hp_threshold)
+    loss = MeanMetric().to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, masks in batches.epoch():
+            groups = zip(images, masks) if isinstance(images, list) else [(images, masks)]
+            for image, mask in groups:
+                image = image if image.dim() == 4 else image[None]
+                mask = (mask if mask.dim() == 3 else mask[None]).to(device).long()
+                with autocast(device, precision):
+                    logits = _dense_logits(model, prepare(image), tuple(mask.shape[-2:]), config, num_classes)
+                meter.update(logits, mask)
+                valid = int((mask != ignore_index).sum())
+                if valid:
+                    ce = F.cross_entropy(logits, mask, ignore_index=ignore_index)
+                    loss.update(ce, weight=valid)
+    finally:
+        model.train(was_training)
+    return {**meter.compute(), "loss": loss.compute().item()}

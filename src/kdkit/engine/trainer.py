@@ -30,8 +30,9 @@ from .callbacks import Callback
 from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from .distiller import Distiller, WeightedTerm
 from .distributed import DistInfo, all_mean, barrier
-from .evaluate import autocast, evaluate
+from .evaluate import autocast
 from .schedule import lr_factor
+from .tasks import ClassificationTask
 
 
 @dataclass
@@ -124,6 +125,8 @@ class Trainer:
         device: torch.device | None = None,
         callbacks: Sequence[Callback] = (),
         name: str = "run",
+        task: ClassificationTask | None = None,
+        evaluate_teacher: bool = True,
     ) -> None:
         self.distiller = distiller
         self.stages = list(stages)
@@ -135,6 +138,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.name = name
         self.mean, self.std = tuple(mean), tuple(std)
+        self.task = task or ClassificationTask(num_classes, mean, std)
+        self.evaluate_teacher = evaluate_teacher  # False when the teacher predicts other classes
         self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
@@ -142,9 +147,6 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------ helpers
-
-    def _augment(self, stage: Stage) -> BatchAugment:
-        return BatchAugment(stage.augment.crop_padding, stage.augment.flip, self.mean, self.std)
 
     def prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> normalised float input on the device, in the run's memory format."""
@@ -206,7 +208,7 @@ class Trainer:
         state = self._restore() if resume else None
         start_stage, start_step = (state["stage"], state["step"]) if state else (0, 0)
         self._emit("on_run_start")
-        if state is None and self.distiller.teacher is not None:
+        if state is None and self.distiller.teacher is not None and self.evaluate_teacher:
             self._evaluate_teacher()
         for index in range(start_stage, len(self.stages)):
             resume_state = state if (state and index == start_stage) else None
@@ -224,13 +226,8 @@ class Trainer:
         )
         assert self.distiller.teacher is not None
         if any(wt.term.needs_teacher for wts in self.distiller.stage_terms for wt in wts):
-            result = evaluate(
-                self.distiller.teacher,
-                batches,
-                self.prepare_eval,
-                self.num_classes,
-                self.device,
-                self.runtime.precision,
+            result = self.task.evaluate(
+                self.distiller.teacher, batches, self.prepare_eval, self.device, self.runtime.precision
             )
             self.log({"kind": "teacher_eval", **result})
 
@@ -242,6 +239,16 @@ class Trainer:
         self.distiller.stage = index
         params = [p for n, p in student.named_parameters() if n in chosen]
         return params + self.distiller.trainable_term_parameters()
+
+    def _train_mode(self) -> None:
+        """Training mode, except normalisation layers whose parameters this stage freezes: they stay
+        in eval mode so a frozen part (Spirit Distillation's extractor in stage 2) keeps its statistics."""
+        self.distiller.train()
+        for module in self.distiller.student.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                params = list(module.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
 
     def _run_stage(self, index: int, start_step: int, state: dict[str, Any] | None) -> None:
         stage = self.stages[index]
@@ -259,12 +266,12 @@ class Trainer:
         evals = Batches(
             stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers
         )
-        augment = self._augment(stage)
+        augment = self.task.augmenter(stage.augment)
         per_epoch = len(train)
         total = self.stage_length(stage, per_epoch)
         by_epochs = stage.epochs is not None
         self._emit("on_stage_start", stage, total, start_step)
-        self.distiller.train()
+        self._train_mode()
         step = start_step
         window = _Window()
         while step < total:
@@ -276,14 +283,14 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(derive_seed(seed, "global", index, epoch, step, self.info.rank))
-                images = augment(
-                    images.to(self.device),
+                images, labels = augment(
+                    _to(images, self.device),
+                    _to(labels, self.device),
                     generator("augment", seed, index, epoch, step),
                     total=stage.batch_size,
                     start=self.info.rank * train.local_batch,
                 )
                 images = images.contiguous(memory_format=self.memory_format)
-                labels = labels.to(self.device)
                 with autocast(self.device, self.runtime.precision):
                     loss, parts, _ = model(images, labels, epoch, step / per_epoch)
                 self._check_finite(loss, parts, stage, epoch, step)
@@ -291,7 +298,7 @@ class Trainer:
                 loss.backward()
                 optimizer.step()
                 step += 1
-                window.add(labels.numel() * self.info.world, loss, parts)
+                window.add(images.shape[0] * self.info.world, loss, parts)
                 if step % self.runtime.log_every == 0 or step == total or step % per_epoch == 0:
                     self._log_train(index, stage, step, per_epoch, lr, window)
                     window = _Window()
@@ -350,15 +357,10 @@ class Trainer:
         )
 
     def _evaluate(self, index: int, stage: Stage, step: int, per_epoch: int, evals: Batches) -> None:
-        result = evaluate(
-            self.distiller.student,
-            evals,
-            self.prepare_eval,
-            self.num_classes,
-            self.device,
-            self.runtime.precision,
+        result = self.task.evaluate(
+            self.distiller.student, evals, self.prepare_eval, self.device, self.runtime.precision
         )
-        self.distiller.train()
+        self._train_mode()
         self.log(
             {
                 "kind": "eval",
@@ -371,23 +373,35 @@ class Trainer:
         )
 
     def summary(self) -> dict[str, Any]:
+        """Best (over the last stage's evaluations) and last value of the task's metric, and the
+        teacher's: ``best_top1``/``last_top1``... for classification, ``best_miou``... for segmentation."""
+        metric = self.task.metric
         evals = [r for r in self.history if r["kind"] == "eval"]
         teacher = [r for r in self.history if r["kind"] == "teacher_eval"]
         if not evals:
-            return {"name": self.name}
+            return {"name": self.name, "metric": metric}
         last = evals[-1]
         final_stage = [r for r in evals if r["stage_index"] == last["stage_index"]]
-        best = max(final_stage, key=lambda r: r["top1"])
+        best = max(final_stage, key=lambda r: r[metric])
         out = {
             "name": self.name,
-            "last_top1": last["top1"],
-            "last_top5": last["top5"],
-            "best_top1": best["top1"],
+            "metric": metric,
+            f"last_{metric}": last[metric],
+            f"best_{metric}": best[metric],
             "best_epoch": best["epoch"],
             "last_epoch": last["epoch"],
         }
+        extras = ("top5",) if metric == "top1" else ("pixel_acc", "miou_var", "hp_acc")
+        out.update({f"last_{key}": last[key] for key in extras})
         if teacher:
-            out["teacher_top1"] = teacher[-1]["top1"]
-        if not math.isfinite(out["last_top1"]):
-            raise KdkitError("evaluation produced a non-finite accuracy")
+            out[f"teacher_{metric}"] = teacher[-1][metric]
+        if not math.isfinite(out[f"last_{metric}"]):
+            raise KdkitError(f"evaluation produced a non-finite {metric}")
         return out
+
+
+def _to(value: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """Move a batch tensor, or a list of differently sized samples, to ``device``."""
+    if isinstance(value, list):
+        return [v.to(device) for v in value]
+    return value.to(device)

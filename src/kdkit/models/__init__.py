@@ -3,6 +3,10 @@
 Every model is built by :func:`build_model`. Zoo models return logits only and declare where their
 features are: ``feature_taps`` (stage outputs, shallow to deep; the last is the map that gets pooled)
 and ``embedding_tap`` (``"fc:input"``, the pooled embedding). Taps read them with forward hooks.
+
+Segmentation models (:mod:`.seg_resnet`, :mod:`.seg_compact`, :mod:`.spirit`, and torchvision's through
+:mod:`.seg_torchvision`) return logits at the input resolution; their ``feature_taps`` are backbone
+stages and ``embedding_tap`` is the input of the final 1x1 classifier conv.
 """
 
 from __future__ import annotations
@@ -13,7 +17,17 @@ from torch import nn
 
 from ..errors import KdkitError
 from ..registry import MODELS, did_you_mean
-from . import cifar_resnet, mobilenetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (they register)
+from . import (  # noqa: F401  (they register)
+    cifar_resnet,
+    mobilenetv2,
+    seg_compact,
+    seg_resnet,
+    shufflenetv1,
+    shufflenetv2,
+    spirit,
+    vgg,
+    wrn,
+)
 from .hub import build_hub_model
 from .weights import load_weights, save_weights
 

@@ -10,7 +10,8 @@ Where they can be inferred, the built model gets the zoo's tap attributes:
   last candidate at each resolution from stride 4 on, as 4-D maps larger than 1x1 (so ViT tokens
   and channels-last Swin maps are left out).
 
-Attributes that cannot be inferred stay unset, and the config must name the taps.
+Attributes that cannot be inferred stay unset, and the config must name the taps. torchvision's
+segmentation models are built by :mod:`kdkit.models.seg_torchvision` (also without backbone weights).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from torch import nn
 from ..errors import KdkitError
 from ..registry import did_you_mean
 from ..taps import module_shapes
+from .seg_torchvision import build_segmentation, segmentation_names
 
 SOURCES = ("torchvision", "timm")
-DOWNLOAD_KWARGS = ("weights", "pretrained")
+DOWNLOAD_KWARGS = ("weights", "pretrained", "weights_backbone")
 TRUNKS = ("features", "layers", "trunk_output")
 PROBE_SIZE = 64
 
@@ -56,9 +58,12 @@ def _torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Modu
             f"torchvision cannot be imported ({err}); "
             f"install the torchvision release built for torch {torch.__version__}"
         ) from err
-    names = torchvision.models.list_models(module=torchvision.models)
+    segmentation = segmentation_names()
+    names = torchvision.models.list_models(module=torchvision.models) + segmentation
     if name not in names:
         raise KdkitError(f"unknown torchvision model '{name}'{did_you_mean(name, names)}")
+    if name in segmentation:
+        return build_segmentation(name, num_classes, kwargs)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     linears = [
         path

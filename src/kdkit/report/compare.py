@@ -10,10 +10,12 @@ from typing import Any
 
 import yaml
 
+from ..engine.tasks import METRIC_LABELS
 from ..errors import KdkitError
 from .runreport import markdown_table
 
 SEED_SUFFIX = re.compile(r"[-_](seed|s)\d+$")
+SEGMENTATION_EXTRAS = {"miou_var": "last mIoU var (1e-3)", "hp_acc": "last HP-Acc (%)"}
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -51,8 +53,11 @@ def compare_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
     for runs in groups.values():
         summaries = [r["summary"] for r in runs]
         label = SEED_SUFFIX.sub("", summaries[0].get("name", runs[0]["dir"].name))
-        row: dict[str, Any] = {"label": label, "seeds": len(runs)}
-        for key in ("best_top1", "last_top1", "best_epoch", "last_epoch", "teacher_top1"):
+        metric = summaries[0].get("metric", "top1")
+        row: dict[str, Any] = {"label": label, "seeds": len(runs), "metric": metric}
+        keys = [f"best_{metric}", f"last_{metric}", "best_epoch", "last_epoch", f"teacher_{metric}"]
+        keys += [f"last_{extra}" for extra in SEGMENTATION_EXTRAS if metric == "miou"]
+        for key in keys:
             values = [s[key] for s in summaries if key in s]
             if values:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
@@ -69,24 +74,22 @@ def _pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    header = [
-        "run",
-        "seeds",
-        "best top-1 (%)",
-        "last top-1 (%)",
-        "best epoch",
-        "last epoch",
-        "teacher top-1 (%)",
-    ]
+    """Markdown table of :func:`compare_runs` rows (segmentation adds variance and HP-Acc columns)."""
+    metric = rows[0]["metric"] if rows else "top1"
+    label = METRIC_LABELS[metric]
+    extras = SEGMENTATION_EXTRAS if metric == "miou" else {}
+    header = ["run", "seeds", f"best {label}", f"last {label}", *extras.values()]
+    header += ["best epoch", "last epoch", f"teacher {label}"]
     body = [
         [
             r["label"],
             str(r["seeds"]),
-            _pm(r, "best_top1"),
-            _pm(r, "last_top1"),
+            _pm(r, f"best_{metric}"),
+            _pm(r, f"last_{metric}"),
+            *[_pm(r, f"last_{key}") for key in extras],
             _pm(r, "best_epoch", 1),
             _pm(r, "last_epoch", 0),
-            _pm(r, "teacher_top1"),
+            _pm(r, f"teacher_{metric}"),
         ]
         for r in rows
     ]

@@ -7,6 +7,8 @@ from typing import Any
 from ..deploy.export import ModelSpec, export_student
 from ..engine.callbacks import Callback
 from ..engine.checkpoint import atomic_write_text
+from ..engine.tasks import METRIC_LABELS
+from .histogram import plot_miou_histogram
 from .plots import plot_accuracy, plot_losses
 from .runreport import write_run_report
 
@@ -24,8 +26,16 @@ class RunOutputs(Callback):
         if not trainer.info.main:
             return
         export_student(trainer.distiller.student, self.spec, trainer.run_dir)
+        metric = trainer.task.metric
+        run_dir, name = trainer.run_dir, trainer.name
+        title = f"{name}: {METRIC_LABELS[metric]}"
         plots = [
-            plot_losses(trainer.history, trainer.run_dir / "loss.png", f"{trainer.name}: training loss"),
-            plot_accuracy(trainer.history, trainer.run_dir / "accuracy.png", f"{trainer.name}: accuracy"),
+            plot_losses(trainer.history, run_dir / "loss.png", f"{name}: training loss"),
+            plot_accuracy(trainer.history, run_dir / "accuracy.png", title, metric),
         ]
+        evals = [r for r in trainer.history if r["kind"] == "eval"]
+        if evals and "image_miou" in evals[-1]:
+            threshold = trainer.task.evaluation.hp_threshold
+            series = {"student (last evaluation)": evals[-1]["image_miou"]}
+            plots.append(plot_miou_histogram(series, run_dir / "image_miou.png", threshold))
         write_run_report(trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None])

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..engine.tasks import METRIC_LABELS  # noqa: E402
+
 NON_LOSS_KEYS = {"kind", "stage", "stage_index", "step", "epoch", "lr", "images_per_s"}
 
 
@@ -57,25 +59,28 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path |
     return _finish(fig, axis, path, title, "training loss (term values unweighted)")
 
 
-def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Student top-1 on the evaluation split against the epoch, with the teacher's as a line."""
+def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str, metric: str = "top1") -> Path | None:
+    """The student's ``metric`` (top-1 or mIoU) on the evaluation split against the epoch, with the
+    teacher's as a line."""
     evals = [r for r in history if r["kind"] == "eval"]
     if not evals:
         return None
+    label = METRIC_LABELS[metric]
     fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    axis.plot(_run_epochs(evals), [r["top1"] for r in evals], marker="o", markersize=3, label="student top-1")
+    axis.plot(_run_epochs(evals), [r[metric] for r in evals], marker="o", markersize=3, label="student")
     teacher = [r for r in history if r["kind"] == "teacher_eval"]
     if teacher:
-        axis.axhline(teacher[-1]["top1"], color="black", linestyle="--", linewidth=1, label="teacher top-1")
-    return _finish(fig, axis, path, title, "top-1 accuracy (%)")
+        axis.axhline(teacher[-1][metric], color="black", linestyle="--", linewidth=1, label="teacher")
+    return _finish(fig, axis, path, title, label)
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Bar chart of mean best top-1 (± std) per method."""
+    """Bar chart of the mean best metric (± std) per method (rows of :func:`compare_runs`)."""
+    metric = rows[0].get("metric", "top1")
     fig, axis = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     labels = [r["label"].replace(" (", "\n(") for r in rows]
-    means = [r["best_top1_mean"] for r in rows]
-    stds = [r["best_top1_std"] for r in rows]
+    means = [r[f"best_{metric}_mean"] for r in rows]
+    stds = [r[f"best_{metric}_std"] for r in rows]
     bars = axis.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
     for bar, mean in zip(bars, means):
         axis.text(
@@ -83,7 +88,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         )
     low = min(means) - max(5.0, 2 * max(stds + [0.0]))
     axis.set_ylim(max(0.0, low), min(100.0, max(means) + 5.0))
-    axis.set_ylabel("best top-1 (%)")
+    axis.set_ylabel(f"best {METRIC_LABELS[metric]}")
     axis.set_title(title)
     axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -92,11 +97,11 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
-    """Top-1 against the epoch for several runs (read from their ``metrics.jsonl``)."""
+def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, metric: str = "top1") -> Path:
+    """``metric`` against the epoch for several runs (read from their ``metrics.jsonl``)."""
     fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for label, run_dir in run_dirs.items():
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         evals = [r for r in records if r["kind"] == "eval"]
-        axis.plot(_run_epochs(evals), [r["top1"] for r in evals], marker="o", markersize=3, label=label)
-    return _finish(fig, axis, path, title, "top-1 accuracy (%)")
+        axis.plot(_run_epochs(evals), [r[metric] for r in evals], marker="o", markersize=3, label=label)
+    return _finish(fig, axis, path, title, METRIC_LABELS[metric])

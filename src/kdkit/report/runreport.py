@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from ..engine.checkpoint import atomic_write_text
+from ..engine.tasks import METRIC_LABELS
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -34,19 +35,26 @@ def write_run_report(
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     )
     teacher = config.get("teacher") or {}
+    metric = summary.get("metric", "top1")
+    extras = {"top5": "top-5 (%)"} if metric == "top1" else {
+        "pixel_acc": "pixel acc (%)", "miou_var": "mIoU var (1e-3)", "hp_acc": "HP-Acc (%)"
+    }
     rows = []
-    if "teacher_top1" in summary:
-        rows.append(["teacher", teacher.get("name", "?"), f"{summary['teacher_top1']:.2f}", "", ""])
-    if "best_top1" in summary:
+    if f"teacher_{metric}" in summary:
+        rows.append(["teacher", teacher.get("name", "?"), f"{summary[f'teacher_{metric}']:.2f}", ""])
+        rows[-1] += [""] * len(extras)
+    if f"best_{metric}" in summary:
         rows.append(
             [
                 "student",
                 config.get("student", {}).get("name", "?"),
-                f"{summary['best_top1']:.2f} (epoch {summary['best_epoch']:.0f})",
-                f"{summary['last_top1']:.2f}",
-                f"{summary['last_top5']:.2f}",
+                f"{summary[f'best_{metric}']:.2f} (epoch {summary['best_epoch']:.0f})",
+                f"{summary[f'last_{metric}']:.2f}",
+                *[f"{summary[f'last_{key}']:.2f}" for key in extras],
             ]
         )
+    label = METRIC_LABELS[metric]
+    header = ["model", "network", f"best {label}", f"last {label}", *[f"last {v}" for v in extras.values()]]
     train = [r for r in history if r["kind"] == "train"]
     speed = sum(r["images_per_s"] for r in train) / len(train) if train else 0.0
     text = [
@@ -57,7 +65,7 @@ def write_run_report(
         f"- stages: {_describe_terms(config)}",
         f"- mean training throughput: {speed:.0f} images/s",
         "",
-        markdown_table(["model", "network", "best top-1 (%)", "last top-1 (%)", "last top-5 (%)"], rows),
+        markdown_table(header, rows),
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",

@@ -1,7 +1,9 @@
 """Logit terms: cross-entropy, KD, DKD, logit standardization and DIST.
 
 Logits are ``(B, C)``; dense logits ``(B, C, *S)`` (e.g. segmentation) are treated as ``B * prod(S)``
-independent rows of ``C`` classes (labels ``(B, *S)``), so "batch mean" is then a mean over positions.
+independent rows of ``C`` classes (labels ``(B, *S)``), so "batch mean" is then a mean over positions
+(``kd`` on score maps is the pixel-wise distillation of Liu et al.'s SKD); ``ce`` on segmentation masks
+also skips the ignore index and resizes the logits to the mask (:func:`ce_loss`).
 Soft labels ``(B, C)`` (mixup/cutmix) are accepted by ``ce``; the terms that need a target class
 (``dkd``) use their arg-max.
 """
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.base import IGNORE_INDEX
 from ..errors import KdkitError
 from ..registry import TERMS
 from .base import StepView, Term
@@ -64,8 +67,23 @@ def ce_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Ten
 
     The target is ``q = (1 - eps) * onehot(y) + eps / C`` and the loss the batch mean of
     ``-sum_c q_c log softmax(z)_c``. ``labels`` are class indices or class probabilities.
+
+    Dense logits ``(B, C, H, W)`` with masks ``(B, H', W')`` (segmentation): logits of another spatial
+    size are first resized bilinearly (``align_corners=False``) to the mask's, and pixels labelled
+    :data:`~kdkit.data.base.IGNORE_INDEX` (255) are skipped: the loss is the mean over labelled pixels
+    (0, not NaN, when a batch has none). Classification logits ``(B, C)`` ignore nothing: class 255 is
+    an ordinary class there.
     """
-    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if tuple(logits.shape[2:]) != tuple(labels.shape[-2:]):
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if labels.is_floating_point():  # dense class probabilities: nothing to ignore
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    total = F.cross_entropy(
+        logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0, standardize: bool = False) -> Tensor:
@@ -147,7 +165,10 @@ def _labels(view: StepView, term: str) -> Tensor:
 
 @TERMS.register("ce", "cross-entropy with the labels (optional label smoothing)")
 class CE(Term):
-    """Cross-entropy of the student's logits with the labels: :func:`ce_loss`."""
+    """Cross-entropy of the student's logits with the labels: :func:`ce_loss`.
+
+    On dense logits the ignore index (255) is skipped and logits are resized to the mask's size.
+    """
 
     needs_teacher = False
     needs_labels = True

@@ -1,0 +1,92 @@
+"""What differs between tasks: training augmentation, evaluation, and the headline metric.
+
+The trainer holds one task object and never branches on the task itself. Classification batches
+are ``(images, class ids)``; segmentation batches are ``(images, masks)`` with ignore index 255.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AugmentConfig, EvalConfig
+from ..data.augment import BatchAugment
+from ..data.seg_augment import SegmentationAugment
+from ..errors import KdkitError
+from .batches import Batches
+from .evaluate import evaluate, evaluate_segmentation
+
+Augmenter = Callable[..., tuple[Tensor, Tensor]]
+
+METRIC_LABELS = {"top1": "top-1 (%)", "miou": "mIoU (%)"}
+
+
+class ClassificationTask:
+    name = "classification"
+    metric = "top1"
+
+    def __init__(self, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.num_classes, self.mean, self.std = num_classes, tuple(mean), tuple(std)
+
+    def augmenter(self, config: AugmentConfig) -> Augmenter:
+        augment = BatchAugment(config.crop_padding, config.flip, self.mean, self.std)
+
+        def apply(images: Tensor, labels: Tensor, gen: torch.Generator, total: int, start: int):
+            return augment(images, gen, total=total, start=start), labels
+
+        return apply
+
+    def evaluate(
+        self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
+    ) -> dict[str, Any]:
+        return evaluate(model, batches, prepare, self.num_classes, device, precision)
+
+
+class SegmentationTask(ClassificationTask):
+    name = "segmentation"
+    metric = "miou"
+
+    def __init__(
+        self,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        evaluation: EvalConfig | None = None,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__(num_classes, mean, std)
+        self.evaluation = evaluation or EvalConfig()
+        self.ignore_index = ignore_index
+
+    def augmenter(self, config: AugmentConfig) -> Augmenter:
+        augment = SegmentationAugment(config.scale, config.crop, config.flip, self.mean, self.std)
+
+        def apply(images, masks, gen: torch.Generator, total: int, start: int):
+            return augment(images, masks, gen, total=total, start=start)
+
+        return apply
+
+    def evaluate(
+        self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
+    ) -> dict[str, Any]:
+        return evaluate_segmentation(
+            model, batches, prepare, self.num_classes, device, precision, self.evaluation, self.ignore_index
+        )
+
+
+def build_task(name: str, dataset: Any, evaluation: EvalConfig | None = None) -> ClassificationTask:
+    """The task object for a run, checking that the dataset provides that task's labels."""
+    kind = getattr(dataset, "task", "classification")
+    if kind != name:
+        raise KdkitError(
+            f"task '{name}' needs a {name} dataset, but the training data is a {kind} dataset; "
+            f"set task: {kind} or pick a {name} dataset (kdkit list datasets)"
+        )
+    if name == "segmentation":
+        return SegmentationTask(
+            dataset.num_classes, dataset.mean, dataset.std, evaluation, getattr(dataset, "ignore_index", 255)
+        )
+    return ClassificationTask(dataset.num_classes, dataset.mean, dataset.std)

@@ -60,3 +60,43 @@ def test_demo_quick(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     check_report(tmp_path / "demo")
+
+
+SEG_TINY = [
+    "--quick",
+    "--set", "data.params.train_size=16",
+    "--set", "data.params.test_size=8",
+    "--set", "data.eval_batch_size=8",
+    "--set", "runtime.progress=false",
+]  # fmt: skip
+SEG_ROWS = ("| teacher (mini DeepLabV3) |", "| CWD |", "| I2CKD |", "| SD |", "| ESD r=0.5 |", "| ESD r=0 |")
+
+
+def check_segmentation_report(out):
+    report = (out / "report.md").read_text()
+    for row in SEG_ROWS:
+        assert row in report, report
+    assert "HP-Acc" in report and "GFLOPs" in report
+    for name in ("comparison.png", "curves.png", "image_miou.png"):
+        assert (out / name).stat().st_size > 10_000
+    for run in ("student-seed0", "i2ckd-seed0", "sd-seed0", "esd-r1-seed0"):
+        assert (out / run / "student.safetensors").is_file()
+
+
+def test_segmentation_demo_pipeline_on_tiny_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(
+        app, ["demo", "--task", "segmentation", "--out", str(tmp_path / "s"), *SEG_TINY]
+    )
+    assert result.exit_code == 0, result.output
+    check_segmentation_report(tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_segmentation_demo_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(
+        app, ["demo", "--task", "segmentation", "--quick", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 0, result.output
+    check_segmentation_report(tmp_path / "q")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import OptimizerConfig, RunConfig, RuntimeConfig, ScheduleConfig, load_config
+from .errors import KdkitError
 from .registry import REGISTRIES, Registry
 
 
@@ -62,12 +63,15 @@ def distill(
     schedule: ScheduleConfig | None = None,
     runtime: RuntimeConfig | None = None,
     name: str = "distill",
+    task: str = "classification",
 ) -> dict[str, Any]:
     """Distill ``teacher`` into ``student`` in one stage, without a config file.
 
     ``student``/``teacher`` are model names (zoo, ``torchvision:``, ``timm:``) or modules; ``terms`` maps
     term names to a weight or to ``(weight, constructor arguments)``. Returns the run summary; the run
     directory (``runtime.out_dir/name``) holds the exported student, plots and ``report.md``.
+    ``task="segmentation"`` with a segmentation dataset (e.g. ``data="road_scenes"``) distills dense
+    predictions.
     """
     term_list = []
     for term_name, value in terms.items():
@@ -75,6 +79,7 @@ def distill(
         term_list.append({"name": term_name, "weight": weight, **params})
     config = {
         "name": name,
+        "task": task,
         "data": {"name": data, "params": dict(data_params or {}), "batch_size": batch_size},
         "student": {"name": _model_name(student)},
         "terms": term_list,
@@ -98,13 +103,15 @@ def distill(
 def evaluate_student(
     run: str | Path, data: str | None = None, split: str | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, float]:
-    """Top-1/top-5/loss of an exported student on a dataset split (default: its run's eval split)."""
+    """Metrics of an exported student on a dataset split (default: its run's eval split): top-1, top-5
+    and loss for classification; mIoU, per-class IoU, pixel accuracy, per-image mIoU variance and
+    HP-Acc for segmentation (with the run's ``evaluation`` settings)."""
     from .data import build_dataset
     from .data.augment import BatchAugment
     from .deploy.export import load_student
     from .engine.batches import Batches
     from .engine.distributed import DistInfo, resolve_device
-    from .engine.evaluate import evaluate
+    from .engine.tasks import build_task
 
     run = Path(run)
     model, spec = load_student(run)
@@ -120,11 +127,19 @@ def evaluate_student(
         root=data_config.root if data_config and data is None else None,
         **params,
     )
+    if dataset.num_classes != spec.num_classes:
+        raise KdkitError(
+            f"the student predicts {spec.num_classes} classes but {name} has {dataset.num_classes}; "
+            "evaluate on the dataset it was trained for (--data, --set data.params...)"
+        )
+    kind = getattr(dataset, "task", "classification")
+    task = build_task(kind, dataset, base.evaluation if base is not None else None)
     device = resolve_device("auto")
     model.to(device)
     augment = BatchAugment(0, False, spec.mean, spec.std)
-    batches = Batches(dataset, 256, DistInfo(), train=False)
-    return evaluate(model, batches, lambda x: augment.normalize(x.to(device)), spec.num_classes, device)
+    batch = data_config.eval_batch_size if data_config is not None else 64
+    batches = Batches(dataset, batch, DistInfo(), train=False)
+    return task.evaluate(model, batches, lambda x: augment.normalize(x.to(device)), device, "fp32")
 
 
 def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

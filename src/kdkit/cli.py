@@ -98,11 +98,17 @@ def evaluate_cmd(
     split: Annotated[str | None, typer.Option(help="split (default: the run's eval split)")] = None,
     set_: SetOption = None,
 ):
-    """Evaluate an exported student on a dataset split (top-1, top-5, loss)."""
+    """Evaluate an exported student on a dataset split (top-1/top-5, or mIoU, variance, HP-Acc)."""
     from .api import evaluate_student
 
     result = evaluate_student(run, data=data, split=split, overrides=set_ or [])
-    console.print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+    if "top1" in result:
+        console.print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+    else:
+        console.print(
+            f"mIoU {result['miou']:.2f}%  pixel acc {result['pixel_acc']:.2f}%  per-image mIoU var "
+            f"{result['miou_var']:.2f}e-3  HP-Acc {result['hp_acc']:.2f}%  loss {result['loss']:.4f}"
+        )
 
 
 @app.command()

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .api import profile_model, train_from_config
-from .config import load_config
+from .config import _read_yaml, load_config
 from .demo import _link, cached_teacher, link_teacher, preset
 from .engine.checkpoint import atomic_write_text
 from .report.compare import compare_runs, comparison_table
@@ -62,6 +62,7 @@ QUICK_RUN = {  # per preset: shorter stages
     ],
     "esd": [
         "stages.0.data.params.train_size=32",
+        "stages.0.data.params.test_size=60",
         "stages.0.data.batch_size=8",
         "stages.0.data.mix.params.train_size=64",
     ],
@@ -99,9 +100,10 @@ def run_segmentation_demo(
             f"runtime.out_dir={out}",
             f"name={row.key}-seed{seed}",
         ]
-        config = load_config(preset(f"demo_segmentation/{row.preset}.yaml"), run_overrides)
-        if config.teacher is not None:
-            config.teacher.weights = teacher_dir / "student.safetensors"
+        path = preset(f"demo_segmentation/{row.preset}.yaml")
+        if "teacher" in _read_yaml(path):
+            run_overrides.append(f"teacher.weights={teacher_dir / 'student.safetensors'}")
+        config = load_config(path, run_overrides)
         console.print(f"{row.label}: training")
         run_dirs[row.key] = out / f"{row.key}-seed{seed}"
         labels[row.key] = row.label
@@ -144,8 +146,9 @@ def write_segmentation_report(
         "target test mIoU during training",
         metric="miou",
     )
+    threshold = load_config(run_dirs["student"] / "config.yaml").evaluation.hp_threshold
     series = {labels[k]: _final_image_miou(run_dirs[k]) for k in ("spirit-student", "sd", "esd-r0.5")}
-    plot_miou_histogram(series, out / "image_miou.png")
+    plot_miou_histogram(series, out / "image_miou.png", threshold)
     alone = {"cwd": "student", "i2ckd": "student", "sd": "spirit-student"}
     alone.update({row.key: "spirit-student" for row in ROWS if row.preset == "esd"})
     gains = [
@@ -164,7 +167,8 @@ def write_segmentation_report(
         comparison_table(rows),
         "",
         "mIoU var is the population variance of per-image mIoU in units of 1e-3 and HP-Acc the share of",
-        "test images whose mIoU exceeds 0.75 (Spirit Distillation Eq. 6-8), both at the last evaluation.",
+        f"test images whose mIoU exceeds {threshold:g} (Spirit Distillation Eq. 6-8; the paper's 0.75 is",
+        "for road vs background, and 10-class per-image mIoU sits lower), both at the last evaluation.",
         "",
         *gains,
         *(QUICK_NOTE if quick else []),

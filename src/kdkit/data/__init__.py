@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (imported so they register)
     cityscapes,
     embedded,
     folders,
+    road_scenes,
     segfolders,
     voc,
 )

@@ -11,6 +11,8 @@ them directly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +37,12 @@ def cache_dir(*parts: str) -> Path:
     """``$KDKIT_CACHE/<parts>``, default ``~/.cache/kdkit/<parts>``."""
     base = os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit"
     return Path(base).joinpath(*parts)
+
+
+def versioned_dir(root: Path, version: int, **params: object) -> Path:
+    """``<root>/v<version>-<hash of the version and parameters>``: where a generated dataset is cached."""
+    key = json.dumps({"version": version, **params}, sort_keys=True)
+    return root / f"v{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def check_split(split: str, splits: tuple[str, ...] | list[str], dataset: str) -> None:

@@ -18,8 +18,6 @@ schedules (or a few thousand images) leave even the teacher untrained.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -32,7 +30,7 @@ from PIL import Image
 
 from ..errors import KdkitError
 from ..registry import DATASETS, did_you_mean
-from .base import ImageDataset, TensorDataset, cache_dir, channel_stats, check_split
+from .base import ImageDataset, TensorDataset, cache_dir, channel_stats, check_split, versioned_dir
 from .folders import image_folder
 
 VERSION = 1
@@ -386,12 +384,6 @@ def _write_split(dest: Path, images: Array, labels: Array, classes: list[str]) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dataset_dir(root: Path, **params: int) -> Path:
-    """``<root>/v<VERSION>-<hash of the version and parameters>``."""
-    key = json.dumps({"version": VERSION, **params}, sort_keys=True)
-    return root / f"v{VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 @DATASETS.register(
     "embedded", "procedural shapes x textures with clutter; styles day/night/fog/rain/snow/dusk"
 )
@@ -417,7 +409,7 @@ def embedded(
     params = dict(
         num_classes=num_classes, train_size=train_size, test_size=test_size, image_size=image_size, seed=seed
     )
-    base = dataset_dir(Path(root) if root else cache_dir("embedded"), **params)
+    base = versioned_dir(Path(root) if root else cache_dir("embedded"), VERSION, **params)
     missing = [s for s in styles if not (base / s / split).is_dir()]
     if missing:
         count = train_size if split == "train" else test_size

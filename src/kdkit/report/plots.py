@@ -77,11 +77,16 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str, metric:
 def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Bar chart of the mean best metric (± std) per method (rows of :func:`compare_runs`)."""
     metric = rows[0].get("metric", "top1")
-    fig, axis = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    labels = [r["label"].replace(" (", "\n(") for r in rows]
+    crowded = len(rows) > 5  # long labels then go under the bars at an angle
+    fig, axis = plt.subplots(figsize=(max(6.4, 0.85 * len(rows)), 4.2 if crowded else 3.6), dpi=110)
+    labels = [r["label"] if crowded else r["label"].replace(" (", "\n(") for r in rows]
     means = [r[f"best_{metric}_mean"] for r in rows]
     stds = [r[f"best_{metric}_std"] for r in rows]
     bars = axis.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
+    if crowded:
+        axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+        for tick in axis.get_xticklabels():
+            tick.set_horizontalalignment("right")
     for bar, mean in zip(bars, means):
         axis.text(
             bar.get_x() + bar.get_width() / 2, mean, f"{mean:.1f}", ha="center", va="bottom", fontsize=8

@@ -1,0 +1,54 @@
+"""Quality of `kdkit demo --task segmentation` over 3 seeds: mIoU, per-image mIoU variance and HP-Acc
+of every row (teacher, student alone, CWD, I2CKD, Spirit student alone, SD, ESD at each r), mean ± std.
+
+The teacher is trained once (cached); the student runs repeat for seeds 0, 1, 2. Every figure is
+reported as measured, including rows that do not beat their baseline. Writes
+benchmarks/results/seg_demo_quality.md.
+Run:  python benchmarks/seg_demo_quality.py [--quick] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _results import RESULTS, write_table
+
+from kdkit.demo_segmentation import ROWS, run_segmentation_demo
+from kdkit.report.compare import compare_runs, comparison_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=Path, default=Path("runs/seg-demo-quality"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "seg_demo_quality.md")
+    args = parser.parse_args()
+    wall = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        run_segmentation_demo(args.runs, quick=args.quick, seed=seed)
+        wall.append(time.perf_counter() - start)
+    groups = [sorted(args.runs / f"{row.key}-seed{s}" for s in args.seeds) for row in ROWS]
+    rows = compare_runs([args.runs / "teacher", *(d for group in groups for d in group)])
+    for row, label in zip(rows, ["teacher (mini DeepLabV3, trained once)", *(r.label for r in ROWS)]):
+        row["label"] = label
+    lines = [
+        f"# `kdkit demo --task segmentation{' --quick' if args.quick else ''}` over seeds {args.seeds}",
+        "",
+        "Target-city test split (300 images). mIoU var: population variance of per-image mIoU in units",
+        "of 1e-3; HP-Acc: share of images with mIoU > 0.75 (Spirit Distillation Eq. 6-8), last evaluation.",
+        "",
+        comparison_table(rows),
+        "",
+        "Wall time per demo call: " + ", ".join(f"seed {s}: {w:.0f} s" for s, w in zip(args.seeds, wall))
+        + " (the first call also generates the data and trains the teacher unless they are cached).",
+        "",
+    ]
+    write_table(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

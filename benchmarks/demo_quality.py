@@ -8,28 +8,15 @@ Run:  python benchmarks/demo_quality.py [--quick] [--seeds 0 1 2]   (about 35 mi
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
-
-from _results import RESULTS, write_table
+from _results import quality_args, run_seeds, write_table
 
 from kdkit.demo import LABELS, STUDENTS, run_demo
 from kdkit.report.compare import compare_runs, comparison_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--runs", type=Path, default=Path("runs/demo-quality"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "demo_quality.md")
-    args = parser.parse_args()
-    wall = []
-    for seed in args.seeds:
-        start = time.perf_counter()
-        run_demo(args.runs, quick=args.quick, seed=seed)
-        wall.append(time.perf_counter() - start)
+    args = quality_args("runs/demo-quality", "demo_quality.md")
+    wall = run_seeds(run_demo, args)
     groups = [sorted(args.runs / f"{name}-seed{s}" for s in args.seeds) for name in STUDENTS]
     rows = compare_runs([d for group in groups for d in group])
     for row, name in zip(rows, STUDENTS):
@@ -45,9 +32,7 @@ def main() -> None:
         f"Teacher (ResNet-20) top-1: {teacher:.2f}. Teacher minus student alone (best top-1, mean): "
         f"{gap:+.2f} points ({'meets' if gap >= 5 else 'does NOT meet'} the >= 5 point requirement).",
         "",
-        "Wall time per demo call: " + ", ".join(f"seed {s}: {w:.0f} s" for s, w in zip(args.seeds, wall))
-        + " (the first call also generates the data and trains the teacher unless they are cached).",
-        "",
+        *wall,
     ]
     write_table(args.out, lines)
 

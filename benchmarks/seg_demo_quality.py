@@ -9,28 +9,15 @@ Run:  python benchmarks/seg_demo_quality.py [--quick] [--seeds 0 1 2]
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
-
-from _results import RESULTS, write_table
+from _results import quality_args, run_seeds, write_table
 
 from kdkit.demo_segmentation import ROWS, run_segmentation_demo
 from kdkit.report.compare import compare_runs, comparison_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--runs", type=Path, default=Path("runs/seg-demo-quality"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "seg_demo_quality.md")
-    args = parser.parse_args()
-    wall = []
-    for seed in args.seeds:
-        start = time.perf_counter()
-        run_segmentation_demo(args.runs, quick=args.quick, seed=seed)
-        wall.append(time.perf_counter() - start)
+    args = quality_args("runs/seg-demo-quality", "seg_demo_quality.md")
+    wall = run_seeds(run_segmentation_demo, args)
     groups = [sorted(args.runs / f"{row.key}-seed{s}" for s in args.seeds) for row in ROWS]
     rows = compare_runs([args.runs / "teacher", *(d for group in groups for d in group)])
     for row, label in zip(rows, ["teacher (mini DeepLabV3, trained once)", *(r.label for r in ROWS)]):
@@ -43,9 +30,7 @@ def main() -> None:
         "",
         comparison_table(rows),
         "",
-        "Wall time per demo call: " + ", ".join(f"seed {s}: {w:.0f} s" for s, w in zip(args.seeds, wall))
-        + " (the first call also generates the data and trains the teacher unless they are cached).",
-        "",
+        *wall,
     ]
     write_table(args.out, lines)
 

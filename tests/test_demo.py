@@ -100,3 +100,16 @@ def test_segmentation_demo_quick(tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     check_segmentation_report(tmp_path / "q")
+
+
+def test_style_demo_pipeline_on_tiny_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["demo", "--style", "--out", str(tmp_path / "st"), *TINY])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "st" / "report.md").read_text()
+    for style in ("| day |", "| night |", "| fog |", "| snow |"):
+        assert style in report, report
+    assert "not seen with labels" in report and (tmp_path / "st" / "styles.png").stat().st_size > 10_000
+    assert (tmp_path / "st" / "kd-style-seed0" / "style_preview.png").is_file()
+    styles = (tmp_path / "st" / "kd-seed0" / "styles.md").read_text()
+    assert "drop from day" in styles

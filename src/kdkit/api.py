@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,11 @@ def distill(
 
 
 def evaluate_student(
-    run: str | Path, data: str | None = None, split: str | None = None, overrides: Sequence[str] = ()
+    run: str | Path,
+    data: str | None = None,
+    split: str | None = None,
+    overrides: Sequence[str] = (),
+    root: str | Path | None = None,
 ) -> dict[str, float]:
     """Metrics of an exported student on a dataset split (default: its run's eval split): top-1, top-5
     and loss for classification; mIoU, per-class IoU, pixel accuracy, per-image mIoU variance and
@@ -124,7 +129,7 @@ def evaluate_student(
     dataset = build_dataset(
         name,
         split or (data_config.eval_split if data_config else "test"),
-        root=data_config.root if data_config and data is None else None,
+        root=str(root) if root is not None else (data_config.root if data_config and data is None else None),
         **params,
     )
     if dataset.num_classes != spec.num_classes:
@@ -140,6 +145,55 @@ def evaluate_student(
     batch = data_config.eval_batch_size if data_config is not None else 64
     batches = Batches(dataset, batch, DistInfo(), train=False)
     return task.evaluate(model, batches, lambda x: augment.normalize(x.to(device)), device, "fp32")
+
+
+def evaluate_styles(
+    run: str | Path,
+    styles: Sequence[str] = (),
+    folders: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Robustness to style shift: the student's metric on the same test set rendered in each of
+    ``styles`` (datasets with a ``styles`` parameter: ``embedded``, ``road_scenes``), or on each of
+    ``folders`` (test sets of the run's dataset type), with the drop from the training style.
+
+    Writes ``styles.md``, ``styles.json`` and ``styles.png`` into ``out`` (default: the run
+    directory); returns ``{"metric", "train_style", "rows": [{"style", <metric>, "drop"}...]}``.
+    """
+    from .engine.checkpoint import atomic_write_text
+    from .report.plots import plot_styles
+    from .report.runreport import markdown_table
+
+    if bool(styles) == bool(folders):
+        raise KdkitError("give either styles (e.g. day,night,fog) or test folders, not both or neither")
+    run = Path(run)
+    run_dir = run if run.is_dir() else run.parent
+    config = load_config(run_dir / "config.yaml", overrides) if (run_dir / "config.yaml").is_file() else None
+    trained = (config.data.params.get("styles") if config is not None else None) or ["day"]
+    trained = [trained] if isinstance(trained, str) else list(trained)
+    results: dict[str, dict[str, float]] = {}
+    for style in styles:
+        results[style] = evaluate_student(run, overrides=[*overrides, f"data.eval_params.styles=[{style}]"])
+    for folder in folders:
+        results[str(folder)] = evaluate_student(run, overrides=overrides, root=folder)
+    metric = "top1" if "top1" in next(iter(results.values())) else "miou"
+    reference = results.get(trained[0], next(iter(results.values())))[metric]
+    rows = [{"style": name, metric: r[metric], "drop": reference - r[metric]} for name, r in results.items()]
+    out = Path(out) if out is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plot_styles(
+        rows, metric, out / "styles.png", f"{run_dir.name}: {metric} per style (trained on {trained[0]})"
+    )
+    label = "top-1 (%)" if metric == "top1" else "mIoU (%)"
+    table = markdown_table(
+        ["style", label, f"drop from {trained[0]}"],
+        [[r["style"], f"{r[metric]:.2f}", f"{r['drop']:+.2f}"] for r in rows],
+    )
+    report = {"metric": metric, "train_style": trained[0], "rows": rows}
+    atomic_write_text(out / "styles.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "styles.md", f"# {run_dir.name} per style\n\n{table}\n\n![styles](styles.png)\n")
+    return report
 
 
 def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -96,11 +96,31 @@ def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="run directory or exported student.safetensors")],
     data: Annotated[str | None, typer.Option(help="dataset name (default: the run's)")] = None,
     split: Annotated[str | None, typer.Option(help="split (default: the run's eval split)")] = None,
+    styles: Annotated[
+        str | None, typer.Option(help="comma-separated styles, e.g. day,night,fog: metric per style")
+    ] = None,
+    folders: Annotated[list[Path] | None, typer.Option("--folder", help="a test folder (repeat)")] = None,
     set_: SetOption = None,
 ):
-    """Evaluate an exported student on a dataset split (top-1/top-5, or mIoU, variance, HP-Acc)."""
-    from .api import evaluate_student
+    """Evaluate an exported student on a dataset split (top-1/top-5, or mIoU, variance, HP-Acc).
 
+    With --styles (or --folder ...): the metric per style and its drop from the training style,
+    written to styles.md and styles.png in the run directory.
+    """
+    from .api import evaluate_student, evaluate_styles
+
+    if styles or folders:
+        report = evaluate_styles(
+            run,
+            styles=[s for s in (styles or "").split(",") if s],
+            folders=folders or [],
+            overrides=set_ or [],
+        )
+        table = Table("style", METRIC_LABELS[report["metric"]], f"drop from {report['train_style']}")
+        for row in report["rows"]:
+            table.add_row(row["style"], f"{row[report['metric']]:.2f}", f"{row['drop']:+.2f}")
+        console.print(table)
+        return
     result = evaluate_student(run, data=data, split=split, overrides=set_ or [])
     if "top1" in result:
         console.print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
@@ -174,6 +194,57 @@ def predict(
         console.print(f"{path}: {shown}", highlight=False, soft_wrap=True)
 
 
+@app.command("train-style")
+@user_errors
+def train_style(
+    data: Annotated[str, typer.Option(help="dataset whose images F and G learn to reconstruct")],
+    out: Annotated[Path, typer.Option(help="output file, e.g. style.safetensors (+ style.json)")],
+    root: Annotated[str | None, typer.Option(help="dataset folder")] = None,
+    split: Annotated[str, typer.Option(help="split")] = "train",
+    param: Annotated[
+        list[str] | None, typer.Option(help="dataset parameter k=v (YAML value), repeatable")
+    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="use a frozen teacher front as F: NAME:SPLIT")] = None,
+    teacher_weights: Annotated[
+        Path | None, typer.Option(help="the teacher's weights (with --teacher)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="training steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 16,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+):
+    """Train the AdaIN encoder F and generator G of the `style` refiner (method: adain) on your images."""
+    import yaml
+
+    from .refiners.style_models import train_style_model
+
+    params = {}
+    for item in param or []:
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
+    front = None
+    if teacher:
+        name, _, split_at = teacher.rpartition(":")
+        if not name or teacher_weights is None:
+            raise KdkitError(
+                "--teacher takes NAME:SPLIT (e.g. mini_deeplab_teacher:backbone) and needs --teacher-weights"
+            )
+        front = {"name": name, "split": split_at, "weights": str(teacher_weights)}
+    losses = train_style_model(
+        data,
+        out,
+        root=root,
+        split=split,
+        params=params,
+        teacher=front,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    console.print(
+        f"reconstruction MSE {losses[0]:.4f} -> {sum(losses[-20:]) / len(losses[-20:]):.4f}; saved {out}"
+    )
+
+
 @app.command()
 @user_errors
 def compare(
@@ -194,6 +265,7 @@ def compare(
 @user_errors
 def demo(
     task: Annotated[str, typer.Option(help="classification or segmentation")] = "classification",
+    style: Annotated[bool, typer.Option(help="plain KD vs style-augmented KD, evaluated per style")] = False,
     quick: Annotated[bool, typer.Option(help="smaller settings: a pipeline check in a few minutes")] = False,
     out: Annotated[Path | None, typer.Option(help="output folder [runs/demo(-segmentation)]")] = None,
     seed: Annotated[int, typer.Option(help="seed of the students' runs")] = 0,
@@ -202,17 +274,23 @@ def demo(
     """Embedded data -> teacher -> students -> report.md comparing them.
 
     classification: student alone, KD, DKD. segmentation: student alone, CWD, I2CKD, Spirit
-    Distillation and Enhanced Spirit Distillation at several r.
+    Distillation and Enhanced Spirit Distillation at several r. --style: plain KD vs style-augmented
+    KD (patent US 2025/0265822), trained on day images, evaluated on every style.
     """
-    if task == "classification":
+    if task not in ("classification", "segmentation"):
+        raise KdkitError(f"--task must be classification or segmentation, not '{task}'")
+    if style:
+        from .demo_style import run_style_demo
+
+        out = out or Path(f"runs/demo-style-{task}")
+        report = run_style_demo(out, task=task, quick=quick, seed=seed, overrides=set_ or [])
+    elif task == "classification":
         from .demo import run_demo
 
         report = run_demo(out or Path("runs/demo"), quick=quick, seed=seed, overrides=set_ or [])
-    elif task == "segmentation":
+    else:
         from .demo_segmentation import run_segmentation_demo
 
         out = out or Path("runs/demo-segmentation")
         report = run_segmentation_demo(out, quick=quick, seed=seed, overrides=set_ or [])
-    else:
-        raise KdkitError(f"--task must be classification or segmentation, not '{task}'")
     console.print(f"report: {report}")

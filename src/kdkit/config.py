@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .registry import DATASETS, MODELS, TERMS, did_you_mean
+from .registry import DATASETS, MODELS, REFINERS, TERMS, did_you_mean
 
 Loc = tuple[str | int, ...]
 
@@ -387,9 +387,24 @@ def check_models_and_data(config: RunConfig, source: str = "config", text: str |
 
 
 def check_terms(config: RunConfig, source: str = "config", text: str | None = None) -> None:
-    """Every term names a registered term and only keys its constructor accepts."""
+    """Every term and refiner names a registered one and only keys its constructor accepts."""
+    from . import refiners as _registers_refiners  # noqa: F401
     from . import terms as _registers_terms  # noqa: F401
 
+    for i, refiner in enumerate(config.refiners):
+        loc = ("refiners", i)
+        if refiner.name not in REFINERS:
+            raise ConfigError(
+                f"{_where(source, text, (*loc, 'name'))}: {_fmt_loc(loc)}.name: "
+                f"unknown refiner '{refiner.name}'{did_you_mean(refiner.name, REFINERS.names())}"
+            )
+        accepted = _accepted_args(REFINERS.get(refiner.name))
+        for key in refiner.params:
+            if accepted is not None and key not in accepted:
+                raise ConfigError(
+                    f"{_where(source, text, (*loc, key))}: {_fmt_loc((*loc, key))}: "
+                    f"unknown argument of refiner '{refiner.name}'{did_you_mean(key, sorted(accepted))}"
+                )
     groups: list[tuple[Loc, list[TermConfig]]] = [(("terms",), config.terms)]
     groups += [(("stages", i, "terms"), s.terms) for i, s in enumerate(config.stages) if s.terms is not None]
     for prefix, terms in groups:

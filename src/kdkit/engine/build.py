@@ -20,7 +20,9 @@ from ..data.mixing import MixedDataset
 from ..deploy.export import ModelSpec
 from ..errors import ConfigError
 from ..models import build_model, load_weights
-from ..registry import TERMS
+from ..refiners import RefinerContext
+from ..registry import REFINERS, TERMS
+from ..taps import main_output
 from .callbacks import Callback, ProgressBar
 from .distiller import Distiller, WeightedTerm
 from .distributed import init_distributed, resolve_device, sync_batchnorm
@@ -75,6 +77,36 @@ def build_terms(terms: list[TermConfig], where: str) -> list[WeightedTerm]:
     return built
 
 
+def build_refiners(
+    config: RunConfig,
+    task: Any,
+    device: torch.device,
+    cache: DataCache,
+    stage_terms: list[list[WeightedTerm]],
+) -> list[nn.Module]:
+    """The run's data refiners, set up with the task's normalisation and a dataset builder."""
+    context = RefinerContext(
+        task=task.name,
+        mean=task.mean,
+        std=task.std,
+        device=device,
+        build_dataset=lambda name, root, split, params: cache.get(
+            DataConfig(name=name, root=root), split, params
+        ),
+        label_terms=sorted({wt.name for terms in stage_terms for wt in terms if wt.term.needs_labels}),
+        ignore_index=getattr(task, "ignore_index", -100),
+    )
+    refiners = []
+    for i, entry in enumerate(config.refiners):
+        try:
+            refiner = REFINERS.build(entry.name, **entry.params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"refiners[{i}] ({entry.name}): {exc}") from None
+        refiner.setup(context)
+        refiners.append(refiner)
+    return refiners
+
+
 def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec:
     images = getattr(dataset, "images", None)
     size = tuple(images.shape[-2:]) if images is not None else None
@@ -87,6 +119,14 @@ def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec
         classes=list(dataset.classes),
         image_size=size,
     )
+
+
+@torch.no_grad()
+def predicts_classes(model: nn.Module, sample: torch.Tensor, num_classes: int) -> bool:
+    """Whether ``model`` outputs class scores (``[B, C]`` or ``[B, C, H, W]``): a feature-only teacher,
+    e.g. a foundation-model encoder returning tokens (patent [0040]), is distilled but not evaluated."""
+    out = main_output(model(sample[:1]))
+    return out.dim() in (2, 4) and out.shape[1] == num_classes
 
 
 def dry_run_batch(trainer: Trainer, stage: Stage) -> torch.Tensor:
@@ -144,6 +184,7 @@ def build_run(
     stage_terms = [
         build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)
     ]
+    refiners = build_refiners(config, task, device, cache, stage_terms)
     if info.active and runtime.sync_batchnorm:
         student = sync_batchnorm(student, device)
     distiller = Distiller(student, teacher, stage_terms)
@@ -190,9 +231,12 @@ def build_run(
         name=config.name,
         task=task,
         evaluate_teacher=config.teacher is not None and config.teacher.num_classes in (None, num_classes),
+        refiners=refiners,
     )
     sample = dry_run_batch(trainer, stages[0])
     shapes = distiller.setup(sample)
+    if teacher is not None and trainer.evaluate_teacher:
+        trainer.evaluate_teacher = predicts_classes(teacher, sample, num_classes)
     distiller.to(device)  # connectors built by setup
     if runtime.channels_last:
         distiller.to(memory_format=torch.channels_last)

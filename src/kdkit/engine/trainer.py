@@ -127,6 +127,7 @@ class Trainer:
         name: str = "run",
         task: ClassificationTask | None = None,
         evaluate_teacher: bool = True,
+        refiners: Sequence[nn.Module] = (),
     ) -> None:
         self.distiller = distiller
         self.stages = list(stages)
@@ -140,6 +141,7 @@ class Trainer:
         self.mean, self.std = tuple(mean), tuple(std)
         self.task = task or ClassificationTask(num_classes, mean, std)
         self.evaluate_teacher = evaluate_teacher  # False when the teacher predicts other classes
+        self.refiners = list(refiners)  # data refiners (set up by the builder), applied after augmentation
         self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
@@ -290,6 +292,14 @@ class Trainer:
                     total=stage.batch_size,
                     start=self.info.rank * train.local_batch,
                 )
+                for refiner in self.refiners:
+                    images, labels = refiner(
+                        images,
+                        labels,
+                        generator("refine", seed, index, epoch, step),
+                        total=images.shape[0] * self.info.world,
+                        start=self.info.rank * images.shape[0],
+                    )
                 images = images.contiguous(memory_format=self.memory_format)
                 with autocast(self.device, self.runtime.precision):
                     loss, parts, _ = model(images, labels, epoch, step / per_epoch)

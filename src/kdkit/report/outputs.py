@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..deploy.export import ModelSpec, export_student
 from ..engine.callbacks import Callback
 from ..engine.checkpoint import atomic_write_text
@@ -11,6 +13,9 @@ from ..engine.tasks import METRIC_LABELS
 from .histogram import plot_miou_histogram
 from .plots import plot_accuracy, plot_losses
 from .runreport import write_run_report
+from .style_preview import write_style_preview
+
+PREVIEW = "style_preview.png"
 
 
 class RunOutputs(Callback):
@@ -19,8 +24,14 @@ class RunOutputs(Callback):
         self.config_yaml = config_yaml
 
     def on_run_start(self, trainer) -> None:
-        if trainer.info.main:
-            atomic_write_text(trainer.run_dir / "config.yaml", self.config_yaml)
+        if not trainer.info.main:
+            return
+        atomic_write_text(trainer.run_dir / "config.yaml", self.config_yaml)
+        styles = [r for r in trainer.refiners if hasattr(r, "styled")]
+        if styles:
+            data = trainer.stages[0].train_data
+            images = torch.stack([data[i][0] for i in range(min(4, len(data)))])
+            write_style_preview(styles[0], images, trainer.run_dir / PREVIEW)
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
         if not trainer.info.main:
@@ -33,6 +44,8 @@ class RunOutputs(Callback):
             plot_losses(trainer.history, run_dir / "loss.png", f"{name}: training loss"),
             plot_accuracy(trainer.history, run_dir / "accuracy.png", title, metric),
         ]
+        if (run_dir / PREVIEW).is_file():
+            plots.append(run_dir / PREVIEW)
         evals = [r for r in trainer.history if r["kind"] == "eval"]
         if evals and "image_miou" in evals[-1]:
             threshold = trainer.task.evaluation.hp_threshold

@@ -110,3 +110,41 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, metric: str =
         evals = [r for r in records if r["kind"] == "eval"]
         axis.plot(_run_epochs(evals), [r[metric] for r in evals], marker="o", markersize=3, label=label)
     return _finish(fig, axis, path, title, METRIC_LABELS[metric])
+
+
+def plot_styles(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Path:
+    """Bar chart of a model's ``metric`` per style (rows of :func:`kdkit.api.evaluate_styles`)."""
+    fig, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(rows)), 3.6), dpi=110)
+    values = [r[metric] for r in rows]
+    bars = axis.bar([r["style"] for r in rows], values, color="#55a868")
+    for bar, value in zip(bars, values):
+        axis.text(
+            bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8
+        )
+    axis.set_ylabel(METRIC_LABELS[metric])
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_style_comparison(
+    series: dict[str, list[float]], styles: list[str], metric: str, path: Path, title: str
+) -> Path:
+    """Grouped bars: each run's ``metric`` per style (the style demo's plot)."""
+    fig, axis = plt.subplots(figsize=(max(6.4, 1.1 * len(styles)), 3.8), dpi=110)
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        positions = [i + (k - (len(series) - 1) / 2) * width for i in range(len(styles))]
+        axis.bar(positions, values, width, label=label)
+    axis.set_xticks(range(len(styles)), styles)
+    axis.set_ylabel(METRIC_LABELS[metric])
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

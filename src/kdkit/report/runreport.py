@@ -28,6 +28,14 @@ def _describe_terms(config: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _describe_refiner(refiner: dict[str, Any]) -> str:
+    """``style (fourier, alpha 1.0; aspects: weather)``: the refiner and what its sources change."""
+    details = [str(refiner[k]) for k in ("method",) if k in refiner]
+    details += [f"{k} {refiner[k]}" for k in ("alpha", "prompt") if k in refiner]
+    aspects = f"; aspects: {', '.join(refiner['aspects'])}" if refiner.get("aspects") else ""
+    return f"{refiner['name']} ({', '.join(details)}{aspects})"
+
+
 def write_run_report(
     run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], plots: list[Path]
 ) -> Path:
@@ -63,6 +71,7 @@ def write_run_report(
         f"- data: `{config.get('data', {}).get('name', '?')}`; teacher: `{teacher.get('name', 'none')}`; "
         f"student: `{config.get('student', {}).get('name', '?')}`",
         f"- stages: {_describe_terms(config)}",
+        *[f"- refiner: {_describe_refiner(r)}" for r in config.get("refiners", [])],
         f"- mean training throughput: {speed:.0f} images/s",
         "",
         markdown_table(header, rows),

@@ -1,0 +1,8 @@
+"""Refiners: data refiners change the training batch before teacher and student see it (style
+augmentation); feature refiners change tapped teacher features. Importing this package registers them
+in :data:`kdkit.registry.REFINERS`."""
+
+from .base import DataRefiner, RefinerContext
+from .style import StyleRefiner
+
+__all__ = ["DataRefiner", "RefinerContext", "StyleRefiner"]

@@ -1,0 +1,182 @@
+"""``style``: style-augmented distillation (Li, Khoreva, Zhang; US 2025/0265822 A1, claims 1-13).
+
+From each training image x and a style source image y the refiner makes x' with x's content and a
+style taken from y ([0014]-[0017]), interpolated between x's own style and y's by ``alpha`` (claim 4,
+[0023]). The batch the teacher and the student see is then ``[x; x']`` (claim 1, [0008]): the KD
+terms compare them on both, and the task loss uses x's labels for x' too (claim 13, [0041]) unless
+``label_styled: false`` (then x' only carries distillation terms, e.g. for a label-free teacher).
+
+Content/style splits (``method``):
+
+- ``fourier``: low-frequency amplitude spectrum as style, phase as content (training-free);
+- ``adain``: a trained encoder F and generator G (``kdkit train-style``; [0021]-[0022]), style =
+  channel-wise mean and std of F's features;
+- ``diffusion``: a text-prompted image-to-image diffusion pipeline from a local folder (claim 7);
+  it makes x' directly from the prompt, so it needs no style source.
+
+Style sources (``sources``) are datasets whose images serve as y: an ``unlabeled_folder`` of night or
+fog images, images made by ``kdkit.refiners.diffusion.generate_style_sources``, or an embedded
+dataset's styles. ``aspects`` records which aspect they change (claims 5-6); it is saved with the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import KdkitError
+from ..registry import REFINERS, did_you_mean
+from .base import DataRefiner, RefinerContext
+
+METHODS = ("fourier", "adain", "diffusion")
+ASPECTS = ("time_of_day", "season", "weather", "imperfections", "camera")  # claim 6
+MAX_SOURCES = 1024  # style source images held in memory
+
+
+def _check_choices(values: Sequence[str], choices: Sequence[str], what: str) -> None:
+    for value in values:
+        if value not in choices:
+            raise KdkitError(f"style refiner: unknown {what} '{value}'{did_you_mean(value, list(choices))}")
+
+
+@REFINERS.register(
+    "style", "patent US 2025/0265822: distil on x and style-augmented x' (fourier/adain/diffusion)"
+)
+class StyleRefiner(DataRefiner):
+    """Appends a styled copy x' of every training image to the batch (see the module docstring).
+
+    ``alpha``: a float, or ``[lo, hi]`` for a per-image uniform draw. ``beta``: the Fourier band.
+    ``model``: the AdaIN F/G file (``kdkit train-style``) or the diffusion pipeline folder.
+    ``prompt``, ``strength``, ``steps``: the diffusion backend's settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str = "fourier",
+        sources: list[dict[str, Any]] | None = None,
+        alpha: float | list[float] = 1.0,
+        beta: float = 0.01,
+        model: str | None = None,
+        prompt: str | None = None,
+        strength: float = 0.5,
+        steps: int = 20,
+        label_styled: bool = True,
+        aspects: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choices([method], METHODS, "method")
+        _check_choices(aspects or [], ASPECTS, "aspect")
+        if method != "diffusion" and not sources:
+            raise KdkitError(
+                f"style refiner with method '{method}' needs sources: datasets of style images, e.g. "
+                "[{name: unlabeled_folder, root: night_images}]"
+            )
+        if method in ("adain", "diffusion") and model is None:
+            what = (
+                "the F/G file from `kdkit train-style`" if method == "adain" else "a local diffusers folder"
+            )
+            raise KdkitError(f"style refiner with method '{method}' needs model: {what}")
+        if method == "diffusion" and not prompt:
+            raise KdkitError(
+                "style refiner with method 'diffusion' needs a prompt, e.g. 'at night, heavy rain'"
+            )
+        self.method, self.source_specs, self.alpha = method, list(sources or []), alpha
+        self.beta, self.model_path, self.prompt = beta, model, prompt
+        self.strength, self.steps = strength, steps
+        self.label_styled = label_styled
+        self.aspects = list(aspects or [])
+        self.sources: list[Tensor] = []
+        self.transfer: torch.nn.Module | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, context: RefinerContext) -> None:
+        super().setup(context)
+        if not self.label_styled and any(t != "ce" for t in context.label_terms):
+            raise KdkitError(
+                f"style refiner: label_styled: false leaves x' without labels, but the terms "
+                f"{[t for t in context.label_terms if t != 'ce']} need them; set label_styled: true"
+            )
+        self.transfer = self._build_transfer().to(context.device)
+        self.sources = self._load_sources()
+
+    def _build_transfer(self) -> torch.nn.Module:
+        from . import style_transfer
+
+        if self.method == "fourier":
+            return style_transfer.FourierStyle(self.beta)
+        if self.method == "adain":
+            from .style_models import load_trained_style
+
+            return load_trained_style(self.model_path)
+        from .diffusion import DiffusionStyle
+
+        return DiffusionStyle(self.model_path, self.prompt, strength=self.strength, steps=self.steps)
+
+    def _load_sources(self) -> list[Tensor]:
+        images: list[Tensor] = []
+        for spec in self.source_specs:
+            unknown = set(spec) - {"name", "root", "split", "params"}
+            if "name" not in spec or unknown:
+                raise KdkitError(
+                    f"style refiner: a source is {{name, root, split, params}}, got keys {sorted(spec)}"
+                )
+            dataset = self.context.build_dataset(
+                spec["name"], spec.get("root"), spec.get("split", "train"), dict(spec.get("params", {}))
+            )
+            count = min(len(dataset), MAX_SOURCES - len(images))
+            images += [dataset[i][0] for i in range(count)]
+        if self.source_specs and not images:
+            raise KdkitError("style refiner: the style sources hold no image")
+        return images
+
+    # ------------------------------------------------------------------ step
+
+    def styled(self, content: Tensor, style_index: Tensor | None, alpha: Tensor) -> Tensor:
+        """x' in [0, 1] for ``content`` in [0, 1], style source images ``style_index``, ``alpha``."""
+        assert self.transfer is not None, "call setup() first"
+        style = None
+        if style_index is not None:
+            size = content.shape[-2:]
+            style = torch.stack(
+                [
+                    F.interpolate(
+                        self.sources[int(i)][None].float().div(255),
+                        size=size,
+                        mode="bilinear",
+                        align_corners=False,
+                        antialias=True,
+                    )[0]
+                    for i in style_index
+                ]
+            ).to(content.device)
+        return self.transfer(content, style, alpha)
+
+    def forward(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator, total: int, start: int
+    ) -> tuple[Tensor, Tensor]:
+        from .style_transfer import interpolate_alpha
+
+        count = images.shape[0]
+        alpha = interpolate_alpha(self.alpha, total, generator)[start : start + count].to(images.device)
+        index = None
+        if self.sources:
+            index = torch.randint(0, len(self.sources), (total,), generator=generator)[start : start + count]
+        with torch.no_grad():
+            styled = self.styled(self.context.to_unit(images.float()), index, alpha)
+        styled = (
+            self.context.normalize(styled)
+            .to(images.dtype)
+            .contiguous(
+                memory_format=torch.channels_last
+                if images.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format
+            )
+        )
+        styled_labels = labels if self.label_styled else torch.full_like(labels, self.context.ignore_index)
+        return torch.cat([images, styled]), torch.cat([labels, styled_labels])

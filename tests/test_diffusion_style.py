@@ -193,3 +193,21 @@ def test_load_errors(tmp_path):
         load_img2img_pipeline(tmp_path / "empty")
     with pytest.raises(KdkitError, match="prompt"):
         DiffusionStyle(tmp_path / "missing", "")
+
+
+def test_style_refiner_diffusion_method_runs_on_the_tiny_pipeline(model_dir, content):
+    """The training-time path: the `style` refiner with method diffusion loads the local folder and
+    appends prompt-styled copies (no style source needed); alpha 0 keeps x."""
+    from kdkit.refiners import RefinerContext, StyleRefiner
+
+    context = RefinerContext("classification", (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), None, ["ce"])
+    refiner = StyleRefiner(method="diffusion", model=str(model_dir), prompt="at night, heavy rain", steps=2,
+                           strength=1.0, alpha=1.0)  # fmt: skip
+    refiner.setup(context)
+    images = content * 2 - 1  # normalised with mean 0.5, std 0.5
+    out, labels = refiner(images, torch.tensor([0, 1]), torch.Generator().manual_seed(0), 2, 0)
+    assert out.shape == (4, 3, 32, 32) and labels.tolist() == [0, 1, 0, 1]
+    assert not torch.allclose(out[2:], images, atol=1e-3)
+    refiner.alpha = 0.0
+    out, _ = refiner(images, torch.tensor([0, 1]), torch.Generator().manual_seed(0), 2, 0)
+    assert torch.allclose(out[2:], images, atol=1e-5)

@@ -28,7 +28,8 @@ def write_style_preview(refiner, images: torch.Tensor, path: Path, alphas: Seque
     device = refiner.context.device
     content = images.to(device).float().div(255)
     count = content.shape[0]
-    index = torch.arange(count) % len(refiner.sources) if refiner.sources else None
+    # sources spread over the whole set (e.g. night, fog and snow images, not four night ones)
+    index = torch.arange(count) * len(refiner.sources) // count if refiner.sources else None
     columns = 2 + len(alphas) if index is not None else 1 + len(alphas)
     fig, axes = plt.subplots(count, columns, figsize=(1.9 * columns, 1.6 * count), dpi=110, squeeze=False)
     for row in range(count):

@@ -33,9 +33,10 @@ def main() -> None:
     lines = [f"# Style robustness over seeds {args.seeds}" + (" (--quick)" if args.quick else ""), ""]
     for task in args.tasks:
         out = args.runs / task
-        for seed in args.seeds:
-            run_style_demo(out, task=task, quick=args.quick, seed=seed)
         runs = DEMOS[task].runs
+        for seed in args.seeds:  # a seed whose runs were all evaluated already is kept (resumable)
+            if not all((out / f"{k}-seed{seed}" / "styles.json").is_file() for k in runs):
+                run_style_demo(out, task=task, quick=args.quick, seed=seed)
         results = {k: [style_results(out / f"{k}-seed{s}") for s in args.seeds] for k in runs}
         metric = "top-1 (%)" if task == "classification" else "mIoU (%)"
         rows = []

@@ -55,13 +55,7 @@ needs_torchvision = pytest.mark.skipif(
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than several contending for busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _check_taps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit.config import EvalConfig, load_config
+from kdkit.config import load_config
 from kdkit.data.base import IGNORE_INDEX, SegmentationTensorDataset
 from kdkit.data.mixing import MixedDataset, mixed_counts
 from kdkit.data.seg_augment import SegmentationAugment

@@ -35,13 +35,7 @@ I2CKD_PARAMS = {"deeplabv3_resnet101": 61.1, "deeplabv3_resnet18": 13.6, "pspnet
 H, W = 32, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than several contending for busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

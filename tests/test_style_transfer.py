@@ -25,14 +25,7 @@ from kdkit.refiners.style_transfer import (
     train_style_autoencoder,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny convs run fastest on one thread, and far slower when threads contend for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def smooth_images(count: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tensors import rand64, t64  # noqa: E402
 from torch import nn
 from torch.autograd import gradcheck
 
@@ -45,15 +46,6 @@ from kdkit.terms import (
 )
 
 LN = math.log
-
-
-def t64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def rand64(*shape: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
 
 def np_softmax(z: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .registry import DATASETS, MODELS, REFINERS, TERMS, did_you_mean
+from .registry import DATASETS, MODELS, REFINERS, TERMS, Registry, did_you_mean
 
 Loc = tuple[str | int, ...]
 
@@ -391,37 +391,25 @@ def check_terms(config: RunConfig, source: str = "config", text: str | None = No
     from . import refiners as _registers_refiners  # noqa: F401
     from . import terms as _registers_terms  # noqa: F401
 
-    for i, refiner in enumerate(config.refiners):
-        loc = ("refiners", i)
-        if refiner.name not in REFINERS:
-            raise ConfigError(
-                f"{_where(source, text, (*loc, 'name'))}: {_fmt_loc(loc)}.name: "
-                f"unknown refiner '{refiner.name}'{did_you_mean(refiner.name, REFINERS.names())}"
-            )
-        accepted = _accepted_args(REFINERS.get(refiner.name))
-        for key in refiner.params:
-            if accepted is not None and key not in accepted:
-                raise ConfigError(
-                    f"{_where(source, text, (*loc, key))}: {_fmt_loc((*loc, key))}: "
-                    f"unknown argument of refiner '{refiner.name}'{did_you_mean(key, sorted(accepted))}"
-                )
-    groups: list[tuple[Loc, list[TermConfig]]] = [(("terms",), config.terms)]
-    groups += [(("stages", i, "terms"), s.terms) for i, s in enumerate(config.stages) if s.terms is not None]
-    for prefix, terms in groups:
-        for i, term in enumerate(terms):
+    groups: list[tuple[Loc, list[Any], Registry]] = [(("refiners",), config.refiners, REFINERS)]
+    groups += [(("terms",), config.terms, TERMS)]
+    groups += [(("stages", i, "terms"), s.terms, TERMS) for i, s in enumerate(config.stages) if s.terms]
+    for prefix, entries, registry in groups:
+        for i, entry in enumerate(entries):
             loc = (*prefix, i)
-            if term.name not in TERMS:
+            if entry.name not in registry:
                 raise ConfigError(
                     f"{_where(source, text, (*loc, 'name'))}: {_fmt_loc(loc)}.name: "
-                    f"unknown term '{term.name}'{did_you_mean(term.name, TERMS.names())}"
+                    f"unknown {registry.kind} '{entry.name}'{did_you_mean(entry.name, registry.names())}"
                 )
-            accepted = _accepted_args(TERMS.get(term.name))
-            for key in term.params:
+            accepted = _accepted_args(registry.get(entry.name))
+            for key in entry.params:
                 if accepted is not None and key not in accepted:
+                    known = accepted | ({"weight"} if registry is TERMS else set())
                     raise ConfigError(
                         f"{_where(source, text, (*loc, key))}: {_fmt_loc((*loc, key))}: "
-                        f"unknown argument of term '{term.name}'"
-                        f"{did_you_mean(key, sorted(accepted | {'weight'}))}"
+                        f"unknown argument of {registry.kind} '{entry.name}'"
+                        f"{did_you_mean(key, sorted(known))}"
                     )
 
 

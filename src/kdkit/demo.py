@@ -129,12 +129,15 @@ def write_demo_report(out: Path, run_dirs: dict[str, Path], quick: bool) -> Path
         "![comparison](comparison.png)",
         "",
         "![curves](curves.png)",
-        "",
-        "Runs: " + ", ".join(f"[{k}]({_link(out, d)}/report.md)" for k, d in run_dirs.items()),
-        "",
     ]
+    return write_report(out, text, run_dirs)
+
+
+def write_report(out: Path, lines: list[str], run_dirs: dict[str, Path]) -> Path:
+    """``<out>/report.md``: ``lines`` and a link to each run's own report."""
+    runs = "Runs: " + ", ".join(f"[{k}]({_link(out, d)}/report.md)" for k, d in run_dirs.items())
     path = out / "report.md"
-    atomic_write_text(path, "\n".join(text))
+    atomic_write_text(path, "\n".join([*lines, "", runs, ""]))
     return path
 
 

@@ -18,8 +18,7 @@ from rich.console import Console
 
 from .api import profile_model, train_from_config
 from .config import _read_yaml, load_config
-from .demo import _link, cached_teacher, link_teacher, preset
-from .engine.checkpoint import atomic_write_text
+from .demo import cached_teacher, link_teacher, preset, write_report
 from .report.compare import compare_runs, comparison_table
 from .report.histogram import plot_miou_histogram
 from .report.plots import plot_comparison, plot_curves
@@ -180,10 +179,5 @@ def write_segmentation_report(
         "![per-image mIoU](image_miou.png)",
         "",
         "![curves](curves.png)",
-        "",
-        "Runs: " + ", ".join(f"[{k}]({_link(out, d)}/report.md)" for k, d in run_dirs.items()),
-        "",
     ]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(text))
-    return path
+    return write_report(out, text, run_dirs)

@@ -20,8 +20,7 @@ from rich.console import Console
 from . import demo, demo_segmentation
 from .api import evaluate_styles, train_from_config
 from .config import _read_yaml, load_config
-from .demo import _link, cached_teacher, link_teacher, preset
-from .engine.checkpoint import atomic_write_text
+from .demo import _link, cached_teacher, link_teacher, preset, write_report
 from .engine.tasks import METRIC_LABELS
 from .report.plots import plot_style_comparison
 from .report.runreport import markdown_table
@@ -136,10 +135,5 @@ def write_style_report(out: Path, task: str, run_dirs: dict[str, Path], quick: b
         "![per style](styles.png)",
         "",
         f"![style preview]({_link(out, run_dirs['kd-style'])}/style_preview.png)",
-        "",
-        "Runs: " + ", ".join(f"[{k}]({_link(out, d)}/report.md)" for k, d in run_dirs.items()),
-        "",
     ]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(text))
-    return path
+    return write_report(out, text, run_dirs)

@@ -93,6 +93,13 @@ class ImageDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def _checked_stats(images: Tensor, mean: Stats | None, std: Stats | None) -> tuple[Stats, Stats]:
+    """Check in-memory images are uint8 ``[N,C,H,W]``; their mean/std unless given."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+    return (mean, std) if mean is not None and std is not None else channel_stats(images)
+
+
 class TensorDataset(ImageDataset):
     """A split held in memory; mean/std are computed from the images when not given."""
 
@@ -104,11 +111,7 @@ class TensorDataset(ImageDataset):
         mean: Stats | None = None,
         std: Stats | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
-        if mean is None or std is None:
-            mean, std = channel_stats(images)
-        super().__init__(classes, mean, std)
+        super().__init__(classes, *_checked_stats(images, mean, std))
         self.images = images
         self.labels = labels.to(torch.int64)
 
@@ -136,14 +139,11 @@ class SegmentationTensorDataset(SegmentationDataset):
         mean: Stats | None = None,
         std: Stats | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+        mean, std = _checked_stats(images, mean, std)
         if masks.dim() != 3 or masks.shape[0] != images.shape[0] or masks.shape[1:] != images.shape[2:]:
             raise ValueError(
                 f"masks must be [N,H,W] matching images {tuple(images.shape)}, got {tuple(masks.shape)}"
             )
-        if mean is None or std is None:
-            mean, std = channel_stats(images)
         super().__init__(classes, mean, std)
         self.images = images
         self.labels = masks.to(torch.uint8)

@@ -87,13 +87,18 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         axis.tick_params(axis="x", labelrotation=30, labelsize=8)
         for tick in axis.get_xticklabels():
             tick.set_horizontalalignment("right")
-    for bar, mean in zip(bars, means):
-        axis.text(
-            bar.get_x() + bar.get_width() / 2, mean, f"{mean:.1f}", ha="center", va="bottom", fontsize=8
-        )
     low = min(means) - max(5.0, 2 * max(stds + [0.0]))
     axis.set_ylim(max(0.0, low), min(100.0, max(means) + 5.0))
-    axis.set_ylabel(f"best {METRIC_LABELS[metric]}")
+    return _finish_bars(fig, axis, bars, means, path, title, f"best {METRIC_LABELS[metric]}")
+
+
+def _finish_bars(fig, axis, bars, values: list[float], path: Path, title: str, ylabel: str) -> Path:
+    """Value labels on the bars, axis labels and grid; save and close."""
+    for bar, value in zip(bars, values):
+        axis.text(
+            bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8
+        )
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -117,17 +122,7 @@ def plot_styles(rows: list[dict[str, Any]], metric: str, path: Path, title: str)
     fig, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(rows)), 3.6), dpi=110)
     values = [r[metric] for r in rows]
     bars = axis.bar([r["style"] for r in rows], values, color="#55a868")
-    for bar, value in zip(bars, values):
-        axis.text(
-            bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8
-        )
-    axis.set_ylabel(METRIC_LABELS[metric])
-    axis.set_title(title)
-    axis.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish_bars(fig, axis, bars, values, path, title, METRIC_LABELS[metric])
 
 
 def plot_style_comparison(

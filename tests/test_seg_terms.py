@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _tensors import rand64, t64  # noqa: E402
+from _tensors import rand64, t64
 from torch import nn
 from torch.autograd import gradcheck
 

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _tensors import rand64, t64  # noqa: E402
+from _tensors import rand64, t64
 from torch import nn
 from torch.autograd import gradcheck
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 @dataclass
 class RefinerContext:
     """What a refiner may need from the run: the task, the input normalisation, the device, a dataset
-    builder (``build(name, root, split, params)``), the labelled terms of the run, and the image size."""
+    builder (``build(name, root, split, params)``), the labelled terms of the run, and the ignore label."""
 
     task: str
     mean: Sequence[float]
@@ -29,16 +29,16 @@ class RefinerContext:
     label_terms: list[str] = field(default_factory=list)
     ignore_index: int = -100
 
+    def __post_init__(self) -> None:  # built once, not on every step
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+
     def to_unit(self, images: Tensor) -> Tensor:
         """Normalised images back to [0, 1]."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return images * std + mean
+        return images * self._std.to(images.device) + self._mean.to(images.device)
 
     def normalize(self, images: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
+        return (images - self._mean.to(images.device)) / self._std.to(images.device)
 
 
 class DataRefiner(nn.Module):

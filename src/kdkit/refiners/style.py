@@ -91,6 +91,7 @@ class StyleRefiner(DataRefiner):
         self.label_styled = label_styled
         self.aspects = list(aspects or [])
         self.sources: list[Tensor] = []
+        self._resized: dict[tuple, Tensor] = {}
         self.transfer: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ setup
@@ -137,24 +138,31 @@ class StyleRefiner(DataRefiner):
 
     # ------------------------------------------------------------------ step
 
+    def _sources_at(self, size: tuple[int, int], device: torch.device) -> Tensor:
+        """Every style source resized to ``size`` in [0, 1] on ``device``, made once per size."""
+        key = (size, str(device))
+        if key not in self._resized:
+            self._resized[key] = torch.cat(
+                [
+                    F.interpolate(
+                        image[None].float().div(255),
+                        size=size,
+                        mode="bilinear",
+                        align_corners=False,
+                        antialias=True,
+                    )
+                    for image in self.sources
+                ]
+            ).to(device)
+        return self._resized[key]
+
     def styled(self, content: Tensor, style_index: Tensor | None, alpha: Tensor) -> Tensor:
         """x' in [0, 1] for ``content`` in [0, 1], style source images ``style_index``, ``alpha``."""
         assert self.transfer is not None, "call setup() first"
         style = None
         if style_index is not None:
-            size = content.shape[-2:]
-            style = torch.stack(
-                [
-                    F.interpolate(
-                        self.sources[int(i)][None].float().div(255),
-                        size=size,
-                        mode="bilinear",
-                        align_corners=False,
-                        antialias=True,
-                    )[0]
-                    for i in style_index
-                ]
-            ).to(content.device)
+            sources = self._sources_at(tuple(content.shape[-2:]), content.device)
+            style = sources[style_index.to(sources.device)]
         return self.transfer(content, style, alpha)
 
     def forward(

@@ -17,6 +17,25 @@ from .batches import Batches
 from .segmetrics import SegmentationMeter, slide_logits
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX. Elsewhere bf16 is emulated and slow (seen here on an AVX2-only CPU: a ResNet-20 training
+    step at 11 images/s in bf16 against 72 in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively (:func:`native_bf16`), else ``fp32``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU or CUDA when asked, else a no-op context."""
     if precision == "bf16":

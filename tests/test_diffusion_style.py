@@ -205,3 +205,23 @@ def test_style_refiner_diffusion_method_runs_on_the_tiny_pipeline(model_dir, con
     refiner.alpha = 0.0
     out, _ = refiner(images, torch.tensor([0, 1]), torch.Generator().manual_seed(0), 2, 0)
     assert torch.allclose(out[2:], images, atol=1e-5)
+
+
+def test_style_refiner_diffusion_noise_repeats_across_resume_and_processes(model_dir, content):
+    """Noise per image comes from the step's generator and the image's global position: the same step
+    run again (a resumed run) repeats x', and two processes' slices give one process's x'."""
+    from kdkit.engine.batches import generator
+    from kdkit.refiners import RefinerContext, StyleRefiner
+
+    context = RefinerContext("classification", (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), None, ["ce"])
+    refiner = StyleRefiner(method="diffusion", model=str(model_dir), prompt=PROMPT, steps=2, strength=1.0)
+    refiner.setup(context)
+    images, labels = content * 2 - 1, torch.tensor([0, 1])
+    whole = refiner(images, labels, generator("refine", 0, 0, 0, 5), 2, 0)[0][2:]
+    again = refiner(images, labels, generator("refine", 0, 0, 0, 5), 2, 0)[0][2:]
+    assert torch.equal(whole, again)
+    halves = [refiner(images[i : i + 1], labels[i : i + 1], generator("refine", 0, 0, 0, 5), 2, i)[0][1:]
+              for i in (0, 1)]  # fmt: skip
+    torch.testing.assert_close(torch.cat(halves), whole, atol=1e-4, rtol=0)
+    other_step = refiner(images, labels, generator("refine", 0, 0, 0, 6), 2, 0)[0][2:]
+    assert not torch.allclose(other_step, whole, atol=1e-3)

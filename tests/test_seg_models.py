@@ -275,7 +275,9 @@ def test_segnet_decoder_follows_table_v() -> None:
 
 def test_spirit_student_from_torchvision_deeplabv3(tv_deeplab: nn.Module) -> None:
     torch.manual_seed(0)
-    student = build_model("spirit", num_classes=2, teacher="torchvision:deeplabv3_resnet50").train()
+    student = build_model(  # the literal rule; the default is tested in test_seeds_exact.py
+        "spirit", num_classes=2, teacher="torchvision:deeplabv3_resnet50", grouping="gcd"
+    ).train()
     assert [name for name, _ in student.named_children()] == ["extractor", "head"]
     x = torch.randn(2, 3, H, W)
     out = student(x)

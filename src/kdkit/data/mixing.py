@@ -4,9 +4,13 @@ Enhanced Spirit Distillation (Wu et al., Sec. IV.B, Algorithm 1 ``shuffle_select
 the feature-imitation stage with target-domain images shuffled together with unlabeled images of a
 proximity domain, at a ratio ``r`` of target to proximity images (Table III sweeps r from 10 to 0).
 Reading used here: an epoch holds every target image once and ``round(n_target / r)`` proximity
-images (all of them when ``r = 0``, and then no target image), spread evenly over the proximity set;
-the trainer shuffles the union every epoch. Mixed-in images carry no labels (their masks are all
-ignore), so only label-free terms learn from them.
+images (all of them when ``r = 0``, and then no target image). The proximity images are drawn afresh
+every epoch (the paper's ``shuffle_select``): :meth:`MixedDataset.for_epoch` draws them without
+replacement from a generator seeded by the epoch's ``(seed, stage, epoch)``, which
+:class:`~kdkit.engine.batches.Batches` calls before each training epoch; so a run is deterministic,
+a resumed run draws what an uninterrupted one did, and every process draws the same subset. The
+trainer shuffles the union every epoch. Mixed-in images carry no labels (their masks are all ignore),
+so only label-free terms learn from them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from ..errors import KdkitError
 from .base import IGNORE_INDEX, SegmentationDataset
 
 
+def draw_subset(size: int, count: int, epoch_seed: tuple[object, ...]) -> Tensor:
+    """``count`` distinct indices of ``range(size)``, sorted, drawn from ``("mix", *epoch_seed)``."""
+    from ..engine.batches import generator  # engine imports data
+
+    return torch.randperm(size, generator=generator("mix", *epoch_seed))[:count].sort().values
+
+
 def mixed_counts(target: int, other: int, ratio: float) -> tuple[int, int]:
     """How many target and mixed-in images one epoch holds at ``ratio`` (target per mixed-in image)."""
     if ratio == 0:
@@ -26,7 +37,10 @@ def mixed_counts(target: int, other: int, ratio: float) -> tuple[int, int]:
 
 
 class MixedDataset(SegmentationDataset):
-    """``target`` followed by an evenly spaced subset of ``other`` with all-ignore masks."""
+    """``target`` followed by a subset of ``other`` with all-ignore masks, redrawn by :meth:`for_epoch`.
+
+    Until the first :meth:`for_epoch` the subset is the draw for ``epoch_seed = ()``.
+    """
 
     def __init__(self, target: SegmentationDataset, other: SegmentationDataset, ratio: float) -> None:
         if getattr(target, "task", None) != "segmentation" or getattr(other, "task", None) != "segmentation":
@@ -36,14 +50,22 @@ class MixedDataset(SegmentationDataset):
         n_target, n_other = mixed_counts(len(target), len(other), ratio)
         if n_target + n_other == 0:
             raise KdkitError(f"data.mix with ratio {ratio} selects no image (the mixed-in dataset is empty)")
-        self.n_target = n_target
-        self.other_index = torch.linspace(0, len(other) - 1, n_other).round().long() if n_other else None
-        if target.in_memory and other.in_memory and target.images.shape[1:] == other.images.shape[1:]:
-            picked = other.images[self.other_index] if n_other else other.images[:0]
-            self.images = torch.cat([target.images[:n_target], picked])
+        self.n_target, self.n_other = n_target, n_other
+        in_memory = target.in_memory and other.in_memory
+        self._stacked = bool(in_memory and target.images.shape[1:] == other.images.shape[1:])
+        if self._stacked:
             blank = torch.full((n_other, *target.labels.shape[1:]), IGNORE_INDEX, dtype=torch.uint8)
             self.labels = torch.cat([target.labels[:n_target], blank])
         self.size = n_target + n_other
+        self.for_epoch(())
+
+    def for_epoch(self, epoch_seed: tuple[object, ...]) -> None:
+        """Draw this epoch's mixed-in images: ``n_other`` distinct images of ``other`` from a generator
+        seeded by ``epoch_seed`` (the trainer's ``(seed, stage, epoch)``)."""
+        self.other_index = draw_subset(len(self.other), self.n_other, tuple(epoch_seed))
+        if self._stacked:
+            picked = self.other.images[self.other_index]
+            self.images = torch.cat([self.target.images[: self.n_target], picked])
 
     def __len__(self) -> int:
         return self.size

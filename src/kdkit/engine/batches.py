@@ -96,6 +96,11 @@ class Batches:
     def epoch(
         self, epoch_seed: tuple[object, ...] = (), start_step: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of one epoch. A training dataset with ``for_epoch(epoch_seed)``
+        (e.g. :class:`~kdkit.data.mixing.MixedDataset`) is told the epoch first, so it may redraw
+        its content from the same seed."""
+        if self.train and hasattr(self.dataset, "for_epoch"):
+            self.dataset.for_epoch(epoch_seed)
         index_lists = self._index_lists(epoch_seed, start_step)
         if getattr(self.dataset, "in_memory", False):
             images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]

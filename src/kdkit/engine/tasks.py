@@ -21,7 +21,9 @@ from .evaluate import evaluate, evaluate_segmentation
 
 Augmenter = Callable[..., tuple[Tensor, Tensor]]
 
-METRIC_LABELS = {"top1": "top-1 (%)", "miou": "mIoU (%)"}
+# ``miou`` is the dataset mIoU (one confusion matrix over all images); ``miou_per_image`` the mean of
+# per-image mIoUs (Spirit Distillation Eq. 5). Labels keep them apart wherever a figure is printed.
+METRIC_LABELS = {"top1": "top-1 (%)", "miou": "mIoU (%)", "miou_per_image": "per-image mIoU (%, Eq. 5)"}
 
 
 class ClassificationTask:
@@ -46,6 +48,10 @@ class ClassificationTask:
 
 
 class SegmentationTask(ClassificationTask):
+    """Segmentation: joint image/mask augmentation and :func:`evaluate_segmentation`. The headline
+    ``metric`` is ``evaluation.metric``: ``miou`` (dataset mIoU, default) or ``miou_per_image``
+    (Spirit Distillation Eq. 5); eval records always carry both."""
+
     name = "segmentation"
     metric = "miou"
 
@@ -59,6 +65,7 @@ class SegmentationTask(ClassificationTask):
     ) -> None:
         super().__init__(num_classes, mean, std)
         self.evaluation = evaluation or EvalConfig()
+        self.metric = self.evaluation.metric
         self.ignore_index = ignore_index
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:

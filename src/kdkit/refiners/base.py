@@ -28,6 +28,7 @@ class RefinerContext:
     build_dataset: Callable[[str, str | None, str, dict[str, Any]], Any]
     label_terms: list[str] = field(default_factory=list)
     ignore_index: int = -100
+    seed: int = 0  # the run seed (runtime.seed), for a refiner's own seeded choices
 
     def __post_init__(self) -> None:  # built once, not on every step
         self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)

@@ -94,8 +94,11 @@ class DiffusionStyle(StyleTransfer):
     returned unchanged as well.
 
     ``size``: the shorter side the pipeline works at (None: x's size), rounded to the VAE's multiple;
-    x' is resized back to x's size. Noise is drawn from a CPU generator per image seeded with
-    ``(seed, call count, index in batch)``, so a fresh module with the same seed repeats its outputs.
+    x' is resized back to x's size. Noise is drawn from a CPU generator per image: seeded with
+    ``seeds[i]`` when :meth:`forward` gets ``seeds`` (the style refiner passes seeds drawn per global
+    sample position from the step's generator, so resumed and DDP runs repeat one process's noise),
+    otherwise with ``(seed, call count, index in batch)``, so a fresh module with the same seed repeats
+    its outputs.
     """
 
     name = "diffusion"
@@ -135,9 +138,16 @@ class DiffusionStyle(StyleTransfer):
         return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
 
     @torch.no_grad()
-    def forward(self, content: Tensor, style: Tensor | None = None, alpha: Tensor | float = 1.0) -> Tensor:
+    def forward(
+        self,
+        content: Tensor,
+        style: Tensor | None = None,
+        alpha: Tensor | float = 1.0,
+        seeds: Sequence[int] | None = None,
+    ) -> Tensor:
         """x' ``[B,3,H,W]`` in [0, 1] from ``content`` in [0, 1]; ``style`` is ignored; ``alpha``: a
-        number or ``[B]`` in [0, 1]."""
+        number or ``[B]`` in [0, 1]; ``seeds``: the noise seed of each image (default: from ``seed``
+        and the call count)."""
         if content.dim() != 4 or content.shape[1] != 3:
             raise ValueError(f"diffusion style transfer needs content [B,3,H,W], got {tuple(content.shape)}")
         batch = content.shape[0]
@@ -145,7 +155,11 @@ class DiffusionStyle(StyleTransfer):
         weights = (alpha.expand(batch) if alpha.dim() == 0 else alpha).tolist()
         if alpha.shape not in ((), (batch,)) or not all(0.0 <= a <= 1.0 for a in weights):
             raise ValueError(f"alpha must be a number or a [{batch}] tensor in [0, 1], got {alpha.tolist()}")
+        if seeds is not None and len(seeds) != batch:
+            raise ValueError(f"seeds must hold one seed per image ({batch}), got {len(seeds)}")
         call, self.calls = self.calls, self.calls + 1
+        noise = [int(s) for s in seeds] if seeds is not None else None
+        noise = noise or [_seed(self.seed, call, i) for i in range(batch)]
         # The pipeline only uses strength through int(steps * strength), so images sharing that step
         # count run in one call, with a strength that rounds down to exactly the count.
         groups: dict[int, list[int]] = {}
@@ -173,7 +187,7 @@ class DiffusionStyle(StyleTransfer):
                 strength=min(1.0, (count + 0.5) / self.steps),
                 num_inference_steps=self.steps,
                 guidance_scale=self.guidance,
-                generator=[torch.Generator().manual_seed(_seed(self.seed, call, i)) for i in index],
+                generator=[torch.Generator().manual_seed(noise[i]) for i in index],
                 output_type="pt",
             ).images.to(content.device, torch.float32)
             if styled.shape[-2:] != (height, width):

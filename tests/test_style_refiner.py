@@ -116,8 +116,10 @@ def test_style_run_writes_the_preview_and_records_the_aspect(tmp_path):
 
     result = evaluate_styles(run, styles=["day", "night", "fog"])
     assert [r["style"] for r in result["rows"]] == ["day", "night", "fog"] and result["train_style"] == "day"
-    assert result["rows"][0]["drop"] == 0.0
-    assert (run / "styles.png").is_file() and "drop from day" in (run / "styles.md").read_text()
+    assert result["rows"][0]["change"] == 0.0
+    night = result["rows"][1]
+    assert night["change"] == pytest.approx(night["top1"] - result["rows"][0]["top1"])  # a drop is < 0
+    assert (run / "styles.png").is_file() and "change from day" in (run / "styles.md").read_text()
 
 
 class TinyViT(nn.Module):

@@ -17,7 +17,7 @@ from .registry import REGISTRIES, Registry
 
 def registries() -> dict[str, Registry]:
     """Every registry, with all built-in entries registered."""
-    from . import data, models, terms  # noqa: F401 - importing registers
+    from . import data, models, refiners, terms  # noqa: F401 - importing registers
 
     return REGISTRIES
 
@@ -29,18 +29,27 @@ def train_from_config(
     resume: bool = False,
     callbacks: list | None = None,
     modules: Mapping[str, nn.Module] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build and run a config (a YAML path or a :class:`RunConfig`); returns the run summary.
 
+    ``run_dir`` defaults to ``runtime.out_dir/name``. A directory that already holds a run is refused
+    (before anything is built) unless ``resume`` continues it or ``overwrite`` replaces it; a
+    directory another run is using is refused too (see :mod:`kdkit.engine.rundir`).
     ``modules`` may hold a ready ``"student"`` and/or ``"teacher"`` used instead of building them.
     """
-    from .engine.build import build_run
+    import os
+
+    from .engine.build import build_run, run_directory
+    from .engine.rundir import check_run_dir
 
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
-    built = build_run(config, Path(run_dir) if run_dir else None, callbacks, modules)
+    target = Path(run_dir) if run_dir else run_directory(config)
+    check_run_dir(target, resume=resume, overwrite=overwrite, probe_lock=os.environ.get("RANK", "0") == "0")
+    built = build_run(config, target, callbacks, modules)
     try:
-        return built.trainer.fit(resume=resume)
+        return built.trainer.fit(resume=resume, overwrite=overwrite)
     finally:
         built.trainer.distiller.release_taps()
 
@@ -65,6 +74,7 @@ def distill(
     runtime: RuntimeConfig | None = None,
     name: str = "distill",
     task: str = "classification",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Distill ``teacher`` into ``student`` in one stage, without a config file.
 
@@ -72,7 +82,7 @@ def distill(
     term names to a weight or to ``(weight, constructor arguments)``. Returns the run summary; the run
     directory (``runtime.out_dir/name``) holds the exported student, plots and ``report.md``.
     ``task="segmentation"`` with a segmentation dataset (e.g. ``data="road_scenes"``) distills dense
-    predictions.
+    predictions. ``overwrite`` replaces an earlier run of the same name (otherwise refused).
     """
     term_list = []
     for term_name, value in terms.items():
@@ -98,7 +108,7 @@ def distill(
     modules = {
         role: m for role, m in (("student", student), ("teacher", teacher)) if isinstance(m, nn.Module)
     }
-    return train_from_config(load_config(base=config), modules=modules)
+    return train_from_config(load_config(base=config), modules=modules, overwrite=overwrite)
 
 
 def evaluate_student(
@@ -107,15 +117,22 @@ def evaluate_student(
     split: str | None = None,
     overrides: Sequence[str] = (),
     root: str | Path | None = None,
-) -> dict[str, float]:
+    precision: str | None = None,
+) -> dict[str, Any]:
     """Metrics of an exported student on a dataset split (default: its run's eval split): top-1, top-5
     and loss for classification; mIoU, per-class IoU, pixel accuracy, per-image mIoU variance and
-    HP-Acc for segmentation (with the run's ``evaluation`` settings)."""
+    HP-Acc for segmentation (with the run's ``evaluation`` settings).
+
+    ``precision`` (``fp32`` or ``bf16``) defaults to the run's ``runtime.precision`` (fp32 without a
+    run config), and the run's memory format is used too, so a run directory evaluates exactly as its
+    training evaluations did. The result's ``"precision"`` says which was used.
+    """
     from .data import build_dataset
     from .data.augment import BatchAugment
     from .deploy.export import load_student
     from .engine.batches import Batches
     from .engine.distributed import DistInfo, resolve_device
+    from .engine.evaluate import resolve_precision
     from .engine.tasks import build_task
 
     run = Path(run)
@@ -123,6 +140,9 @@ def evaluate_student(
     run_dir = run if run.is_dir() else run.parent
     config_path = run_dir / "config.yaml"
     base = load_config(config_path, overrides) if config_path.is_file() else None
+    precision = precision or (base.runtime.precision if base is not None else "fp32")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise KdkitError(f"precision must be fp32, bf16 or auto, not '{precision}'")
     data_config = base.data if base is not None else None
     name = data or (data_config.name if data_config else "embedded")
     params = {**data_config.params, **data_config.eval_params} if data_config and data is None else {}
@@ -140,11 +160,19 @@ def evaluate_student(
     kind = getattr(dataset, "task", "classification")
     task = build_task(kind, dataset, base.evaluation if base is not None else None)
     device = resolve_device("auto")
-    model.to(device)
+    precision = resolve_precision(precision, device)
+    memory_format = (
+        torch.channels_last if base is not None and base.runtime.channels_last else torch.contiguous_format
+    )
+    model.to(device, memory_format=memory_format)
     augment = BatchAugment(0, False, spec.mean, spec.std)
     batch = data_config.eval_batch_size if data_config is not None else 64
     batches = Batches(dataset, batch, DistInfo(), train=False)
-    return task.evaluate(model, batches, lambda x: augment.normalize(x.to(device)), device, "fp32")
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return augment.normalize(images.to(device)).contiguous(memory_format=memory_format)
+
+    return {**task.evaluate(model, batches, prepare, device, precision), "precision": precision}
 
 
 def evaluate_styles(
@@ -153,13 +181,15 @@ def evaluate_styles(
     folders: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
     out: str | Path | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Robustness to style shift: the student's metric on the same test set rendered in each of
     ``styles`` (datasets with a ``styles`` parameter: ``embedded``, ``road_scenes``), or on each of
-    ``folders`` (test sets of the run's dataset type), with the drop from the training style.
+    ``folders`` (test sets of the run's dataset type), with the change from the training style
+    (``metric - metric on the training style``: negative for a drop).
 
     Writes ``styles.md``, ``styles.json`` and ``styles.png`` into ``out`` (default: the run
-    directory); returns ``{"metric", "train_style", "rows": [{"style", <metric>, "drop"}...]}``.
+    directory); returns ``{"metric", "train_style", "rows": [{"style", <metric>, "change"}...]}``.
     """
     from .engine.checkpoint import atomic_write_text
     from .report.plots import plot_styles
@@ -174,12 +204,14 @@ def evaluate_styles(
     trained = [trained] if isinstance(trained, str) else list(trained)
     results: dict[str, dict[str, float]] = {}
     for style in styles:
-        results[style] = evaluate_student(run, overrides=[*overrides, f"data.eval_params.styles=[{style}]"])
+        results[style] = evaluate_student(
+            run, overrides=[*overrides, f"data.eval_params.styles=[{style}]"], precision=precision
+        )
     for folder in folders:
-        results[str(folder)] = evaluate_student(run, overrides=overrides, root=folder)
+        results[str(folder)] = evaluate_student(run, overrides=overrides, root=folder, precision=precision)
     metric = "top1" if "top1" in next(iter(results.values())) else "miou"
     reference = results.get(trained[0], next(iter(results.values())))[metric]
-    rows = [{"style": name, metric: r[metric], "drop": reference - r[metric]} for name, r in results.items()]
+    rows = [{"style": k, metric: r[metric], "change": r[metric] - reference} for k, r in results.items()]
     out = Path(out) if out is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     plot_styles(
@@ -187,20 +219,73 @@ def evaluate_styles(
     )
     label = "top-1 (%)" if metric == "top1" else "mIoU (%)"
     table = markdown_table(
-        ["style", label, f"drop from {trained[0]}"],
-        [[r["style"], f"{r[metric]:.2f}", f"{r['drop']:+.2f}"] for r in rows],
+        ["style", label, f"change from {trained[0]}"],
+        [[r["style"], f"{r[metric]:.2f}", f"{r['change']:+.2f}"] for r in rows],
     )
-    report = {"metric": metric, "train_style": trained[0], "rows": rows}
+    used = next(iter(results.values()))["precision"]
+    report = {"metric": metric, "train_style": trained[0], "rows": rows, "precision": used}
     atomic_write_text(out / "styles.json", json.dumps(report, indent=1))
     atomic_write_text(out / "styles.md", f"# {run_dir.name} per style\n\n{table}\n\n![styles](styles.png)\n")
     return report
 
 
-def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Build a run without training: tap shapes, connectors, parameter counts, module shapes."""
+def _without_weight_files(data: dict[str, Any]) -> list[str]:
+    """Drop every weights file of a raw config (``weights`` of teacher and student, and ``*weights``
+    model arguments such as ``backbone_weights``) in place; returns what was dropped."""
+    dropped = []
+    for role in ("teacher", "student"):
+        model = data.get(role)
+        if not isinstance(model, dict):
+            continue
+        if model.get("weights") is not None:
+            dropped.append(f"{role}.weights={model['weights']}")
+            model["weights"] = None
+        for key, value in (model.get("kwargs") or {}).items():
+            if key.endswith("weights") and isinstance(value, str):
+                dropped.append(f"{role}.kwargs.{key}={value}")
+                model["kwargs"][key] = None
+    return dropped
+
+
+def _dry_input(config: RunConfig) -> tuple[Any, tuple[int, int]]:
+    """The dataset's shape (task, classes) and the training input size ``(H, W)``, without the data:
+    the dataset's known shape (:mod:`kdkit.data.shapes`), or the dataset itself when it is a folder
+    of the user's that is on disk; a segmentation crop (``data.augment.crop``) sets the size."""
+    from .data import build_dataset
+    from .data.shapes import DataShape, known_shape
+
+    data = config.data
+    shape = known_shape(data.name, data.params)
+    if shape is None:
+        try:
+            dataset = build_dataset(data.name, data.train_split, root=data.root, **data.params)
+        except KdkitError as exc:
+            raise KdkitError(
+                f"a dry run needs the shape of dataset '{data.name}', which is known only from its files "
+                f"({exc})"
+            ) from None
+        image = dataset[0][0]
+        shape = DataShape(
+            getattr(dataset, "task", "classification"), dataset.num_classes, tuple(image.shape[-2:])
+        )
+    size = shape.size
+    if shape.task == "segmentation" and data.augment.crop is not None:
+        size = tuple(data.augment.crop)
+    return shape, size
+
+
+def inspect_config(path: str | Path, overrides: Sequence[str] = (), dry: bool = False) -> dict[str, Any]:
+    """Build a run without training: tap shapes, connectors, parameter counts, module shapes.
+
+    ``dry=True`` needs neither weights nor data: models are built with random weights (weights files
+    are skipped), and two random images of the dataset's training size stand in for a batch (the
+    size and classes come from :mod:`kdkit.data.shapes`). ``report["dry"]`` says what was assumed.
+    """
     from .engine.build import build_run
     from .taps import module_shapes
 
+    if dry:
+        return _inspect_dry(Path(path), overrides)
     config = load_config(path, overrides)
     built = build_run(config, callbacks=[])
     distiller = built.trainer.distiller
@@ -216,6 +301,59 @@ def inspect_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
             "name": name,
             "params": sum(p.numel() for p in model.parameters()),
             "taps": built.shapes.get(role, {}),
+            "modules": module_shapes(model, sample, depth=1),
+        }
+    for key, term in distiller.terms.items():
+        for child_name, child in term.named_children():
+            n = sum(p.numel() for p in child.parameters())
+            report["connectors"].append(f"connector {key}.{child_name}: {child} ({n} params)")
+    distiller.release_taps()
+    return report
+
+
+def _inspect_dry(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    from .config import _read_yaml, apply_override, validate
+    from .engine.build import build_network, build_terms
+    from .engine.distiller import Distiller
+    from .taps import module_shapes
+
+    data = _read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    skipped = _without_weight_files(data)
+    refiners = [
+        r.get("name", "?") if isinstance(r, dict) else str(r) for r in data.pop("refiners", None) or []
+    ]
+    config = validate(data, str(path), path.read_text())
+    shape, size = _dry_input(config)
+    torch.manual_seed(config.runtime.seed)
+    student = build_network(config.student, shape.num_classes, "student")
+    teacher = build_network(config.teacher, shape.num_classes, "teacher") if config.teacher else None
+    stage_terms = [
+        build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)
+    ]
+    distiller = Distiller(student, teacher, stage_terms)
+    sample = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(config.runtime.seed))
+    with torch.no_grad():
+        shapes = distiller.setup(sample)
+    report: dict[str, Any] = {
+        "connectors": [],
+        "dry": {
+            "input": (2, 3, *size),
+            "task": shape.task,
+            "num_classes": config.student.num_classes or shape.num_classes,
+            "skipped_weights": skipped,
+            "skipped_refiners": refiners,
+        },
+    }
+    roles = [("student", student, config.student.name)]
+    if teacher is not None and config.teacher is not None:
+        roles.insert(0, ("teacher", teacher, config.teacher.name))
+    for role, model, name in roles:
+        report[role] = {
+            "name": name,
+            "params": sum(p.numel() for p in model.parameters()),
+            "taps": shapes.get(role, {}),
             "modules": module_shapes(model, sample, depth=1),
         }
     for key, term in distiller.terms.items():
@@ -243,20 +381,105 @@ def profile_model(
     return profile(network, tuple(image_size), batch=batch, device=device)
 
 
+def _prediction_input(path: Path, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image as decoded, uint8 ``[3,H,W]``; the model's input batch ``[1,3,h,w]``, normalised):
+    segmentation students see the image resized to their training image size when the spec has one."""
+    from .data.augment import BatchAugment
+    from .data.folders import load_image
+
+    image = load_image(path)
+    x = image[None].float() / 255
+    if spec.image_size and tuple(spec.image_size) != tuple(image.shape[-2:]):
+        x = torch.nn.functional.interpolate(
+            x, size=tuple(spec.image_size), mode="bilinear", align_corners=False
+        )
+    return image, BatchAugment(0, False, spec.mean, spec.std).normalize(x)
+
+
+@torch.no_grad()
+def student_task(run: str | Path) -> str:
+    """``"classification"`` or ``"segmentation"``: what an exported student predicts (its spec says so;
+    older specs are told apart by the shape of the output, class scores per image or per pixel)."""
+    from .deploy.export import load_student
+    from .taps import main_output
+
+    model, spec = load_student(run)
+    if spec.task == "segmentation":
+        return "segmentation"
+    size = tuple(spec.image_size) if spec.image_size else (64, 64)
+    out = main_output(model(torch.zeros(1, 3, *size)))
+    return "segmentation" if out.dim() == 4 else "classification"
+
+
 @torch.no_grad()
 def predict_images(
     run: str | Path, images: Sequence[str | Path], top: int = 3
 ) -> list[list[tuple[str, float]]]:
-    """The ``top`` most probable classes of each image file, as (class name, probability) pairs."""
+    """The ``top`` most probable classes of each image file, as (class name, probability) pairs
+    (classification students; :func:`predict_masks` segments images)."""
     from .data.augment import BatchAugment
     from .data.folders import load_image
     from .deploy.export import load_student
+    from .taps import main_output
 
     model, spec = load_student(run)
     size = spec.image_size
     batch = torch.stack([load_image(Path(p), size[0] if size else None) for p in images])
-    probs = model(BatchAugment(0, False, spec.mean, spec.std).normalize(batch)).softmax(1)
+    out = main_output(model(BatchAugment(0, False, spec.mean, spec.std).normalize(batch)))
+    if out.dim() != 2:
+        raise KdkitError(f"{run} holds a segmentation student: use predict_masks (kdkit predict --out DIR)")
+    probs = out.softmax(1)
     names = spec.classes or [str(i) for i in range(spec.num_classes)]
     values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
     ranked = zip(values.tolist(), indices.tolist())
     return [[(names[i], float(v)) for v, i in zip(vs, ix)] for vs, ix in ranked]
+
+
+@torch.no_grad()
+def predict_masks(
+    run: str | Path, images: Sequence[str | Path], out: str | Path, alpha: float = 0.5
+) -> list[dict[str, Any]]:
+    """Segment image files with an exported segmentation student.
+
+    Each image is resized to the student's training image size (when its spec has one), segmented,
+    and the per-pixel class scores are resized back (bilinear) to the image's own size. Writes
+    ``<out>/<stem>_overlay.png`` (the image blended with the class colours, weight ``alpha``) and
+    ``<out>/<stem>_mask.png`` (class ids as 8-bit grey levels); returns per image
+    ``{"image", "overlay", "mask", "coverage": [(class, pixel share), ...] largest first}``.
+    """
+    from PIL import Image
+
+    from .deploy.export import load_student
+    from .report.overlay import class_colours, coverage, write_overlay
+    from .taps import main_output
+
+    model, spec = load_student(run)
+    names = spec.classes or [str(i) for i in range(spec.num_classes)]
+    colours = class_colours(names)
+    out = Path(out)
+    results: list[dict[str, Any]] = []
+    stems: set[str] = set()
+    for i, path in enumerate(map(Path, images)):
+        image, x = _prediction_input(path, spec)
+        scores = main_output(model(x))
+        if scores.dim() != 4:
+            raise KdkitError(
+                f"{run} holds a classification student: kdkit predict names classes without --out"
+            )
+        scores = torch.nn.functional.interpolate(
+            scores.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False
+        )
+        mask = scores[0].argmax(0).to(torch.uint8)
+        stem = path.stem if path.stem not in stems else f"{path.stem}-{i}"
+        stems.add(stem)
+        overlay = write_overlay(image, mask, colours, out / f"{stem}_overlay.png", alpha)
+        Image.fromarray(mask.numpy()).save(out / f"{stem}_mask.png")
+        results.append(
+            {
+                "image": path,
+                "overlay": overlay,
+                "mask": out / f"{stem}_mask.png",
+                "coverage": coverage(mask, names),
+            }
+        )
+    return results

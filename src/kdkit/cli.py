@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .engine.tasks import METRIC_LABELS
@@ -26,6 +27,34 @@ console = Console()
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config value: a.b.0.c=value")]
 
 
+def installed_version() -> str:
+    """kdkit's version: the installed distribution's, else ``kdkit.__version__`` (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdkit")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"kdkit {installed_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """kdkit: knowledge distillation for computer vision. Start with `kdkit demo --quick`."""
+
+
 def user_errors(command):
     """Turn KdkitError into one line on stderr and exit status 2."""
 
@@ -34,7 +63,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except KdkitError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            message = escape(str(exc))  # a message such as "[day,fog]" is text, not markup
+            Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return run
@@ -68,13 +98,22 @@ def train(
     set_: SetOption = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: runtime.out_dir/name)")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace the run already in the run directory (its files are deleted)")
+    ] = False,
 ):
-    """Train (or distill) a student as the config says; `--resume RUN_DIR` continues a stopped run."""
+    """Train (or distill) a student as the config says; `--resume RUN_DIR` continues a stopped run.
+
+    A run directory that already holds a run is refused unless --resume continues it or --overwrite
+    replaces it; a directory another run is using is refused.
+    """
     from .api import train_from_config
 
     if resume is not None:
         if config is not None:
             raise KdkitError("give either a CONFIG or --resume RUN_DIR, not both (the run keeps its config)")
+        if out is not None or overwrite:
+            raise KdkitError("--resume RUN_DIR continues the run in RUN_DIR: leave out --out and --overwrite")
         config_path = resume / "config.yaml"
         if not config_path.is_file():
             raise KdkitError(f"{resume} holds no config.yaml: not a kdkit run directory")
@@ -82,7 +121,7 @@ def train(
     else:
         if config is None:
             raise KdkitError("give a CONFIG file (see configs/) or --resume RUN_DIR")
-        summary = train_from_config(config, set_ or [], run_dir=out)
+        summary = train_from_config(config, set_ or [], run_dir=out, overwrite=overwrite)
     metric = summary.get("metric", "top1")
     if summary.get(f"best_{metric}") is not None:
         label = METRIC_LABELS[metric]
@@ -100,12 +139,15 @@ def evaluate_cmd(
         str | None, typer.Option(help="comma-separated styles, e.g. day,night,fog: metric per style")
     ] = None,
     folders: Annotated[list[Path] | None, typer.Option("--folder", help="a test folder (repeat)")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 or bf16 (default: the run's runtime.precision, as it evaluated)")
+    ] = None,
     set_: SetOption = None,
 ):
     """Evaluate an exported student on a dataset split (top-1/top-5, or mIoU, variance, HP-Acc).
 
-    With --styles (or --folder ...): the metric per style and its drop from the training style,
-    written to styles.md and styles.png in the run directory.
+    With --styles (or --folder ...): the metric per style and its change from the training style
+    (negative for a drop), written to styles.md and styles.png in the run directory.
     """
     from .api import evaluate_student, evaluate_styles
 
@@ -115,29 +157,53 @@ def evaluate_cmd(
             styles=[s for s in (styles or "").split(",") if s],
             folders=folders or [],
             overrides=set_ or [],
+            precision=precision,
         )
-        table = Table("style", METRIC_LABELS[report["metric"]], f"drop from {report['train_style']}")
+        table = Table("style", METRIC_LABELS[report["metric"]], f"change from {report['train_style']}")
         for row in report["rows"]:
-            table.add_row(row["style"], f"{row[report['metric']]:.2f}", f"{row['drop']:+.2f}")
+            table.add_row(row["style"], f"{row[report['metric']]:.2f}", f"{row['change']:+.2f}")
         console.print(table)
+        console.print(f"precision: {report['precision']}", highlight=False)
         return
-    result = evaluate_student(run, data=data, split=split, overrides=set_ or [])
+    result = evaluate_student(run, data=data, split=split, overrides=set_ or [], precision=precision)
     if "top1" in result:
-        console.print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+        line = f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
     else:
-        console.print(
+        line = (
             f"mIoU {result['miou']:.2f}%  pixel acc {result['pixel_acc']:.2f}%  per-image mIoU var "
             f"{result['miou_var']:.2f}e-3  HP-Acc {result['hp_acc']:.2f}%  loss {result['loss']:.4f}"
         )
+    console.print(f"{line}  ({result['precision']})", highlight=False)
 
 
 @app.command()
 @user_errors
-def inspect(config: Annotated[Path, typer.Argument(help="YAML config")], set_: SetOption = None):
-    """Dry-run one batch: every tap's shape, the connectors built, parameter counts."""
+def inspect(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    set_: SetOption = None,
+    dry: Annotated[
+        bool, typer.Option(help="random weights and random input of the dataset's shape: no data, no weights")
+    ] = False,
+):
+    """Dry-run one batch: every tap's shape, the connectors built, parameter counts.
+
+    --dry checks a preset without its data and weights files: models get random weights and the
+    batch is two random images of the dataset's training size (its crop for segmentation).
+    """
     from .api import inspect_config
 
-    report = inspect_config(config, set_ or [])
+    report = inspect_config(config, set_ or [], dry=dry)
+    if dry:
+        info = report["dry"]
+        console.print(
+            f"dry run: random weights, random input {tuple(info['input'])} ({info['task']}, "
+            f"{info['num_classes']} classes)",
+            highlight=False,
+        )
+        for skipped in info["skipped_weights"]:
+            console.print(f"skipped weights file: {skipped}", highlight=False, markup=False)
+        for name in info["skipped_refiners"]:
+            console.print(f"skipped refiner: {name} (it needs data)", highlight=False, markup=False)
     for role in ("teacher", "student"):
         if role not in report:
             continue
@@ -185,10 +251,21 @@ def predict(
     run: Annotated[Path, typer.Argument(help="run directory or exported student.safetensors")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
     top: Annotated[int, typer.Option(help="how many classes to show per image")] = 3,
+    out: Annotated[Path, typer.Option(help="segmentation: folder for the overlay and mask PNGs")] = Path(
+        "predictions"
+    ),
 ):
-    """Classify image files with an exported student."""
-    from .api import predict_images
+    """Classify image files with an exported student, or segment them (segmentation students:
+    <out>/<name>_overlay.png and <out>/<name>_mask.png per image, and the classes covering most pixels)."""
+    from .api import predict_images, predict_masks, student_task
 
+    if student_task(run) == "segmentation":
+        for result in predict_masks(run, images, out):
+            shown = "  ".join(f"{name} {100 * share:.1f}%" for name, share in result["coverage"][:top])
+            console.print(
+                f"{result['image']}: {shown}  -> {result['overlay']}", highlight=False, soft_wrap=True
+            )
+        return
     for path, ranked in zip(images, predict_images(run, images, top=top)):
         shown = "  ".join(f"{name} {100 * p:.1f}%" for name, p in ranked)
         console.print(f"{path}: {shown}", highlight=False, soft_wrap=True)
@@ -248,14 +325,23 @@ def train_style(
 @app.command()
 @user_errors
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="run directories (seeds of one config are grouped)")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="run directories or folders of runs (seeds of a config are grouped)")
+    ],
     out: Annotated[Path | None, typer.Option(help="also write the table to this Markdown file")] = None,
 ):
-    """One table over runs: best/last top-1 as mean ± std over seeds, best and last epoch."""
-    from .report.compare import compare_runs, comparison_table
+    """One table over runs: best/last metric as mean ± std over seeds, best and last epoch.
 
-    table = comparison_table(compare_runs(runs))
-    console.print(table, highlight=False)
+    A folder that is not a run stands for the runs inside it; files and unfinished runs are skipped
+    with a note. Classification and segmentation runs get one table each.
+    """
+    from .report.compare import compare_runs, comparison_tables, find_runs
+
+    run_dirs, notes = find_runs(runs)
+    for note in notes:
+        Console(stderr=True).print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    table = comparison_tables(compare_runs(run_dirs))
+    console.print(table, highlight=False, markup=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")

@@ -19,6 +19,7 @@ schedules (or a few thousand images) leave even the teacher untrained.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -362,6 +363,35 @@ def generate(
 
 # ---------------------------------------------------------------- cache on disk
 
+GENERATED_DIR = re.compile(r"v\d+-[0-9a-f]{12}")  # versioned_dir's names
+
+
+def generated_root(root: str | None, dataset: str, yours: str = "image_folder") -> Path:
+    """The folder a generated dataset writes to: ``root`` when given (``data.root``; created when
+    missing), else ``$KDKIT_CACHE/<dataset>``. A ``root`` holding anything but this cache (e.g. your
+    own images, which a generated dataset would never read) is refused with one line."""
+    if not root:
+        return cache_dir(dataset)
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise KdkitError(
+            f"data.root {path} is a file; dataset '{dataset}' needs a folder to write its images to"
+        )
+    if path.is_dir():
+        other = sorted(
+            p.name
+            for p in path.iterdir()
+            if not p.name.startswith(".") and not GENERATED_DIR.fullmatch(p.name)
+        )
+        if other:
+            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            raise KdkitError(
+                f"data.root {path} holds other files ({shown}), but dataset '{dataset}' generates its own "
+                f"images and only writes them there: to train on your images set data.name: {yours}; to keep "
+                f"the generated data in a folder of your choice, give an empty or new one"
+            )
+    return path
+
 
 def _write_split(dest: Path, images: Array, labels: Array, classes: list[str]) -> None:
     """Write PNG tree + tensors.npz into a temp dir beside ``dest``, then rename it into place."""
@@ -397,7 +427,8 @@ def embedded(
     image_size: int = 32,
     seed: int = 0,
 ) -> ImageDataset:
-    """The built-in dataset, generated on first use and cached (see module docstring)."""
+    """The built-in dataset, generated on first use and cached (see module docstring) under ``root``
+    (a folder of its own) or ``$KDKIT_CACHE/embedded``."""
     check_split(split, list(SPLIT_IDS), "embedded")
     styles = [styles] if isinstance(styles, str) else list(styles)
     for style in styles:
@@ -409,7 +440,7 @@ def embedded(
     params = dict(
         num_classes=num_classes, train_size=train_size, test_size=test_size, image_size=image_size, seed=seed
     )
-    base = versioned_dir(Path(root) if root else cache_dir("embedded"), VERSION, **params)
+    base = versioned_dir(generated_root(root, "embedded"), VERSION, **params)
     missing = [s for s in styles if not (base / s / split).is_dir()]
     if missing:
         count = train_size if split == "train" else test_size

@@ -60,11 +60,10 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SegmentationTensorDataset,
-    cache_dir,
     check_split,
     versioned_dir,
 )
-from .embedded import _blur, _hash01, _particles, _tint
+from .embedded import _blur, _hash01, _particles, _tint, generated_root
 
 VERSION = 1
 CLASSES = (
@@ -1002,7 +1001,8 @@ def road_scenes(
     seed: int = 0,
     labeled: bool = True,
 ) -> SegmentationTensorDataset:
-    """The built-in segmentation dataset, generated on first use and cached (see module docstring).
+    """The built-in segmentation dataset, generated on first use and cached (see module docstring)
+    under ``root`` (a folder of its own) or ``$KDKIT_CACHE/road_scenes``.
 
     Several cities or styles are concatenated, cities outer; ``val`` has ``test_size`` items.
     ``labeled=False`` sets every mask pixel to ``IGNORE_INDEX`` (unlabelled domains).
@@ -1011,7 +1011,7 @@ def road_scenes(
     cities, styles = _names(city, CITIES, "city"), _names(styles, STYLES, "style")
     size = _check_sizes(image_size, train_size, test_size)
     params = dict(train_size=train_size, test_size=test_size, image_size=list(size), seed=seed)
-    base = versioned_dir(Path(root) if root else cache_dir("road_scenes"), VERSION, **params)
+    base = versioned_dir(generated_root(root, "road_scenes", "segmentation_folder"), VERSION, **params)
     images, masks = [], []
     for name in cities:
         missing = [s for s in styles if not (base / name / s / f"{split}.npz").is_file()]

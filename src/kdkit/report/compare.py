@@ -1,4 +1,10 @@
-"""``kdkit compare``: one table over runs, seeds grouped as mean ± std with best and last epoch."""
+"""``kdkit compare``: one table over runs, seeds grouped as mean ± std with best and last epoch.
+
+:func:`find_runs` turns what a user types (run directories, a parent folder of runs, a shell glob
+that also matches reports and plots) into finished run directories plus notes on what was skipped.
+Runs of different tasks are never mixed in one table: :func:`comparison_tables` writes one table per
+metric (top-1 for classification, mIoU for segmentation).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +33,49 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     )
     return {"dir": run_dir, "summary": summary, "config": config}
+
+
+def is_run(path: Path) -> bool:
+    """A kdkit run directory (finished or not): it holds the resolved ``config.yaml`` and metrics."""
+    return (
+        path.is_dir()
+        and (path / "config.yaml").is_file()
+        and ((path / "summary.json").is_file() or (path / "metrics.jsonl").is_file())
+    )
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Finished run directories among ``paths`` (a folder that is not a run contributes its run
+    subdirectories, sorted by name), and one note per path skipped (files, unfinished runs, folders
+    without runs). Raises KdkitError when no finished run is left."""
+    runs: list[Path] = []
+    notes: list[str] = []
+
+    def add(run_dir: Path) -> None:
+        if not (run_dir / "summary.json").is_file():
+            notes.append(f"skipped {run_dir}: not a finished run (no summary.json)")
+        elif run_dir.resolve() not in {r.resolve() for r in runs}:
+            runs.append(run_dir)
+
+    for path in map(Path, paths):
+        if not path.exists():
+            notes.append(f"skipped {path}: no such file or folder")
+        elif not path.is_dir():
+            notes.append(f"skipped {path}: not a run directory")
+        elif is_run(path):
+            add(path)
+        else:
+            children = sorted(c for c in path.iterdir() if is_run(c))
+            if not children:
+                notes.append(f"skipped {path}: neither a run nor a folder of runs")
+            for child in children:
+                add(child)
+    if not runs:
+        shown = "; ".join(notes[:3]) + ("; ..." if len(notes) > 3 else "")
+        raise KdkitError(
+            f"no finished run to compare ({shown}); give run directories or a folder holding them"
+        )
+    return runs, notes
 
 
 def group_key(run: dict[str, Any]) -> str:
@@ -65,17 +114,43 @@ def compare_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(row: dict[str, Any], key: str, digits: int = 2) -> str:
+def _number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or as an integer when it is whole (epoch 12, not 12.0)."""
+    return str(round(value)) if float(value).is_integer() else f"{value:.{digits}f}"
+
+
+def _pm(row: dict[str, Any], key: str, digits: int = 2, whole: bool = False) -> str:
     if f"{key}_mean" not in row:
         return "–"
+    show = (lambda v: _number(v, digits)) if whole else (lambda v: f"{v:.{digits}f}")
     if row["seeds"] == 1:
-        return f"{row[f'{key}_mean']:.{digits}f}"
-    return f"{row[f'{key}_mean']:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+        return show(row[f"{key}_mean"])
+    return f"{show(row[f'{key}_mean'])} ± {show(row[f'{key}_std'])}"
+
+
+def comparison_tables(rows: list[dict[str, Any]]) -> str:
+    """One Markdown table per metric among ``rows``: a single table when all runs share a task, else
+    a ``### <metric>`` heading and a table for each (classification and segmentation are not mixed)."""
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    if len(metrics) <= 1:
+        return comparison_table(rows)
+    parts = [
+        f"### {METRIC_LABELS[m]}\n\n{comparison_table([r for r in rows if r['metric'] == m])}"
+        for m in metrics
+    ]
+    return "\n\n".join(parts)
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of :func:`compare_runs` rows (segmentation adds variance and HP-Acc columns)."""
+    """Markdown table of :func:`compare_runs` rows of one metric (segmentation adds variance and
+    HP-Acc columns); rows of several metrics are refused (see :func:`comparison_tables`)."""
     metric = rows[0]["metric"] if rows else "top1"
+    others = sorted({r["metric"] for r in rows} - {metric})
+    if others:
+        raise KdkitError(
+            f"runs with different metrics ({metric}, {', '.join(others)}) cannot share one table; "
+            "use comparison_tables (one table per metric)"
+        )
     label = METRIC_LABELS[metric]
     extras = SEGMENTATION_EXTRAS if metric == "miou" else {}
     header = ["run", "seeds", f"best {label}", f"last {label}", *extras.values()]
@@ -87,8 +162,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             _pm(r, f"best_{metric}"),
             _pm(r, f"last_{metric}"),
             *[_pm(r, f"last_{key}") for key in extras],
-            _pm(r, "best_epoch", 1),
-            _pm(r, "last_epoch", 0),
+            _pm(r, "best_epoch", 2, whole=True),
+            _pm(r, "last_epoch", 2, whole=True),
             _pm(r, f"teacher_{metric}"),
         ]
         for r in rows

@@ -228,7 +228,10 @@ def test_dkd_gradcheck_and_module_with_linear_warmup():
     full = num(dkd_loss(s, t, y))
     term = DKD()
     assert DKD.needs_labels
-    for progress, factor in [(0.0, 0.0), (5.0, 0.25), (10.0, 0.5), (20.0, 1.0), (35.0, 1.0)]:
+    # mdistiller's min(epoch / 20, 1), epoch counted from 1 and fixed within the epoch; kdkit passes the
+    # 0-based fractional epoch, so progress 0.0 (first step) and 0.99 are epoch 1: 1/20.
+    table = [(0.0, 0.05), (0.99, 0.05), (1.0, 0.1), (4.5, 0.25), (18.99, 0.95), (19.0, 1.0), (35.0, 1.0)]
+    for progress, factor in table:
         close(term(logits_view(s, t, y, epoch_progress=progress)), factor * full)
     close(DKD(warmup_epochs=0)(logits_view(s, t, y)), full)
     soft = torch.nn.functional.one_hot(y, 5).double()  # soft labels use their arg-max class

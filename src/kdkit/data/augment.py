@@ -16,6 +16,11 @@ from torch import Tensor
 class BatchAugment:
     """Random crop (zero padding, per-sample offsets) + horizontal flip, then normalisation.
 
+    The config defaults (``data.augment``: ``crop_padding: 4``, ``flip: true``) are the CIFAR recipe
+    of the KD literature. A flip changes the class of mirror-sensitive images (digits, letters, text,
+    left/right signs): set ``flip: false`` for those (and ``crop_padding: 0`` where a shift matters).
+    Each run's ``report.md`` states the augmentation it used.
+
     ``augment(images, generator)`` takes uint8 (0..255) or float (0..1) ``[B,C,H,W]`` and
     returns normalised float32; :meth:`normalize` is the evaluation path (no randomness).
     """

@@ -1,7 +1,8 @@
-"""The callback that fills a run directory: config, exported student, plots, ``report.md`` (rank 0)."""
+"""The callback that fills a run directory: config, exported network, plots, ``report.md`` (rank 0)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,12 @@ PREVIEW = "style_preview.png"
 
 
 class RunOutputs(Callback):
+    """Writes ``config.yaml`` at the start; the exported network, plots and ``report.md`` at the end.
+
+    The trained network is labelled by its role: ``student`` when the run has a teacher, ``network``
+    otherwise (a teacher being trained from labels); ``student.json`` records it as ``role``.
+    """
+
     def __init__(self, spec: ModelSpec, config_yaml: str) -> None:
         self.spec = spec
         self.config_yaml = config_yaml
@@ -36,19 +43,22 @@ class RunOutputs(Callback):
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
         if not trainer.info.main:
             return
-        export_student(trainer.distiller.student, self.spec, trainer.run_dir)
+        role = "student" if trainer.distiller.teacher is not None else "network"
+        export_student(trainer.distiller.student, replace(self.spec, role=role), trainer.run_dir)
         metric = trainer.task.metric
         run_dir, name = trainer.run_dir, trainer.name
         title = f"{name}: {METRIC_LABELS[metric]}"
         plots = [
             plot_losses(trainer.history, run_dir / "loss.png", f"{name}: training loss"),
-            plot_accuracy(trainer.history, run_dir / "accuracy.png", title, metric),
+            plot_accuracy(trainer.history, run_dir / "accuracy.png", title, metric, label=role),
         ]
         if (run_dir / PREVIEW).is_file():
             plots.append(run_dir / PREVIEW)
         evals = [r for r in trainer.history if r["kind"] == "eval"]
         if evals and "image_miou" in evals[-1]:
             threshold = trainer.task.evaluation.hp_threshold
-            series = {"student (last evaluation)": evals[-1]["image_miou"]}
+            series = {f"{role} (last evaluation)": evals[-1]["image_miou"]}
             plots.append(plot_miou_histogram(series, run_dir / "image_miou.png", threshold))
-        write_run_report(trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None])
+        write_run_report(
+            trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None], role=role
+        )

@@ -59,19 +59,21 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path |
     return _finish(fig, axis, path, title, "training loss (term values unweighted)")
 
 
-def plot_accuracy(history: list[dict[str, Any]], path: Path, title: str, metric: str = "top1") -> Path | None:
-    """The student's ``metric`` (top-1 or mIoU) on the evaluation split against the epoch, with the
-    teacher's as a line."""
+def plot_accuracy(
+    history: list[dict[str, Any]], path: Path, title: str, metric: str = "top1", label: str = "student"
+) -> Path | None:
+    """The trained network's ``metric`` (top-1 or mIoU) on the evaluation split against the epoch, with
+    the teacher's as a line. ``label`` names the curve by the network's role: ``student`` when
+    distilled, ``network`` for a run without a teacher (e.g. one training a teacher)."""
     evals = [r for r in history if r["kind"] == "eval"]
     if not evals:
         return None
-    label = METRIC_LABELS[metric]
     fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    axis.plot(_run_epochs(evals), [r[metric] for r in evals], marker="o", markersize=3, label="student")
+    axis.plot(_run_epochs(evals), [r[metric] for r in evals], marker="o", markersize=3, label=label)
     teacher = [r for r in history if r["kind"] == "teacher_eval"]
     if teacher:
         axis.axhline(teacher[-1][metric], color="black", linestyle="--", linewidth=1, label="teacher")
-    return _finish(fig, axis, path, title, label)
+    return _finish(fig, axis, path, title, METRIC_LABELS[metric])
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:

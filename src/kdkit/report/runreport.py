@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,17 @@ import yaml
 
 from ..engine.checkpoint import atomic_write_text
 from ..engine.tasks import METRIC_LABELS
+
+
+def _exported(role: str, model: str) -> str:
+    """What ``student.safetensors`` is, by the trained network's role."""
+    if role == "student":
+        return "the exported student, without teacher or connectors"
+    return (
+        "the network this run trained from labels alone: every run exports its network under this name, "
+        f"and a later run can use it as its teacher, `teacher: {{name: {model}, weights: "
+        "<this folder>/student.safetensors}`"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -36,13 +48,61 @@ def _describe_refiner(refiner: dict[str, Any]) -> str:
     return f"{refiner['name']} ({', '.join(details)}{aspects})"
 
 
+def describe_augment(augment: dict[str, Any], task: str = "classification") -> str:
+    """The training augmentation of a resolved ``data.augment`` in words, e.g. ``random crop (zero
+    padding 4) + horizontal flip``; ``none`` when nothing is random."""
+    parts = []
+    if task == "segmentation":
+        low, high = augment.get("scale", (1.0, 1.0))
+        if (low, high) != (1.0, 1.0):
+            parts.append(f"random rescale {low:g}-{high:g}")
+        if augment.get("crop"):
+            parts.append(f"random crop {augment['crop'][0]}x{augment['crop'][1]} (mask padded with 255)")
+        elif (low, high) != (1.0, 1.0):
+            parts.append("random crop to the image size (mask padded with 255)")
+    elif augment.get("crop_padding", 0) > 0:
+        parts.append(f"random crop (zero padding {augment['crop_padding']})")
+    if augment.get("flip", False):
+        parts.append("horizontal flip")
+    return " + ".join(parts) or "none"
+
+
+def _describe_augmentation(config: dict[str, Any]) -> str:
+    """One description, or one per stage when stages override the data with other augmentation."""
+    task = config.get("task", "classification")
+    run_data = config.get("data") or {}
+    per_stage = []
+    for i, stage in enumerate(config.get("stages", [])):
+        augment = (stage.get("data") or run_data).get("augment") or {}
+        per_stage.append((stage.get("name", f"stage {i}"), describe_augment(augment, task)))
+    if not per_stage:
+        return describe_augment(run_data.get("augment") or {}, task)
+    if len({text for _, text in per_stage}) == 1:
+        return per_stage[0][1]
+    return "; ".join(f"{name}: {text}" for name, text in per_stage)
+
+
+def network_role(config: dict[str, Any]) -> str:
+    """``student`` when the run distils from a teacher, ``network`` when it learns from labels alone."""
+    return "student" if config.get("teacher") else "network"
+
+
 def write_run_report(
-    run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]], plots: list[Path]
+    run_dir: Path,
+    summary: dict[str, Any],
+    history: list[dict[str, Any]],
+    plots: list[Path],
+    role: str | None = None,
 ) -> Path:
+    """``report.md`` of a run. Every link in it is relative to ``run_dir`` (the plots sit beside it),
+    so a copied run directory keeps a working report. ``role`` labels the trained network (default:
+    :func:`network_role` of the saved config)."""
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     )
+    role = role or network_role(config)
     teacher = config.get("teacher") or {}
+    model = (config.get("student") or {}).get("name", "?")
     metric = summary.get("metric", "top1")
     extras = {"top5": "top-5 (%)"} if metric == "top1" else {
         "pixel_acc": "pixel acc (%)", "miou_var": "mIoU var (1e-3)", "hp_acc": "HP-Acc (%)"
@@ -54,32 +114,33 @@ def write_run_report(
     if f"best_{metric}" in summary:
         rows.append(
             [
-                "student",
-                config.get("student", {}).get("name", "?"),
+                role,
+                model,
                 f"{summary[f'best_{metric}']:.2f} (epoch {summary['best_epoch']:.0f})",
                 f"{summary[f'last_{metric}']:.2f}",
                 *[f"{summary[f'last_{key}']:.2f}" for key in extras],
             ]
         )
     label = METRIC_LABELS[metric]
-    header = ["model", "network", f"best {label}", f"last {label}", *[f"last {v}" for v in extras.values()]]
+    header = ["role", "network", f"best {label}", f"last {label}", *[f"last {v}" for v in extras.values()]]
     train = [r for r in history if r["kind"] == "train"]
     speed = sum(r["images_per_s"] for r in train) / len(train) if train else 0.0
     text = [
         f"# Run `{summary.get('name', run_dir.name)}`",
         "",
         f"- data: `{config.get('data', {}).get('name', '?')}`; teacher: `{teacher.get('name', 'none')}`; "
-        f"student: `{config.get('student', {}).get('name', '?')}`",
+        f"{role}: `{model}`",
         f"- stages: {_describe_terms(config)}",
+        f"- training augmentation: {_describe_augmentation(config)}",
         *[f"- refiner: {_describe_refiner(r)}" for r in config.get("refiners", [])],
         f"- mean training throughput: {speed:.0f} images/s",
         "",
         markdown_table(header, rows),
         "",
-        *[f"![{p.stem}]({p.name})" for p in plots],
+        *[f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})" for p in plots],
         "",
         "Files: `config.yaml` (resolved config), `metrics.jsonl`, `checkpoints/last.pt`, "
-        "`student.safetensors` + `student.json` (the exported student).",
+        f"`student.safetensors` + `student.json` ({_exported(role, model)}).",
         "",
     ]
     path = run_dir / "report.md"

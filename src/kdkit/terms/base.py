@@ -26,8 +26,9 @@ class StepView:
 
     ``student`` and ``teacher`` map tap keys to tensors (``LOGITS`` always present for the
     student; for the teacher when it has a task head). ``epoch`` counts from 0 within the
-    run and ``epoch_progress`` is the fractional epoch (epoch + fraction done), which
-    warm-ups use.
+    stage and ``epoch_progress`` is the fractional epoch ``step / steps_per_epoch`` (epoch +
+    fraction done; passes over the stage's training data, also in a step-based stage), which
+    warm-ups use: 0.0 at the first step of a stage.
     """
 
     student: dict[str, Tensor]

@@ -52,11 +52,18 @@ def attention_map(f: Tensor, p: float = 2.0, size: tuple[int, int] | None = None
 
 
 def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
-    """Attention transfer for one pair of taps, Zagoruyko & Komodakis 2017 (ICLR), Eq. 2.
+    """Attention transfer for one pair of taps, Zagoruyko & Komodakis 2017 (ICLR), in the form of the
+    authors' code rather than the paper's Eq. 2.
 
     ``mean((Q_s - Q_t)^2)`` over batch and positions, with ``Q = attention_map(F)`` (the student's
-    map resized to the teacher's grid). This is the official code's ``(at(x) - at(y)).pow(2).mean()``;
-    the paper's ``beta / 2`` (``beta = 1000``) belongs in the term's config ``weight``.
+    map resized to the teacher's grid): the official code's ``(at(x) - at(y)).pow(2).mean()``, also
+    used by CRD and mdistiller. Eq. 2 instead takes, per pair, the ``p``-norm (``p = 2``) of the
+    difference of the normalised maps, ``|| Q_s/||Q_s|| - Q_t/||Q_t|| ||_2``, not squared: the code
+    squares it, so its gradient shrinks with the difference instead of having unit size. The mean
+    over ``B * H * W`` entries matches the paper's Sec. 4.1 choice of ``beta`` (10^3 divided by the
+    batch size and the attention map's size, per layer). The paper's ``F_sum`` and the code's channel
+    mean give the same map once L2-normalised. The constant is the term's config ``weight`` (1000 in
+    CRD and mdistiller).
     """
     q_t = attention_map(teacher, p)
     size = tuple(_as_map(teacher).shape[-2:])
@@ -172,7 +179,7 @@ class _SingleTapTerm(_TapTerm):
 
 
 class _MultiTapTerm(_TapTerm):
-    """Pairs of taps (``student_taps[i]`` with ``teacher_taps[i]``); the loss is the mean over pairs.
+    """Pairs of taps (``student_taps[i]`` with ``teacher_taps[i]``); subclasses sum the loss over pairs.
 
     Unset lists default to the last ``n`` declared ``feature_taps`` of that model, where ``n`` is
     the length of the other list when it is set, else :meth:`_default_count`.
@@ -267,7 +274,8 @@ class FitNet(_SingleTapTerm):
 
 @TERMS.register("at", "Zagoruyko & Komodakis 2017: attention transfer between stage outputs")
 class AT(_MultiTapTerm):
-    """Attention transfer: sum of :func:`at_loss` over the tap pairs (Eq. 2 sums over ``j in I``).
+    """Attention transfer: sum of :func:`at_loss` (the authors' code form) over the tap pairs, as Eq. 2
+    sums over ``j in I``.
 
     Unset taps default to the last ``min(n_student, n_teacher)`` declared feature taps of each
     model (all of them when both have as many stages). The paper's ``beta = 1000`` is the config

@@ -10,6 +10,8 @@ Soft labels ``(B, C)`` (mixup/cutmix) are accepted by ``ce``; the terms that nee
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -210,7 +212,13 @@ class KDLS(KD):
 class DKD(Term):
     """Decoupled KD: :func:`dkd_loss` times the warm-up factor of the official code.
 
-    The factor is ``min(epoch_progress / warmup_epochs, 1)`` (1 when ``warmup_epochs`` is 0).
+    mdistiller multiplies the loss by ``min(epoch / warmup, 1)`` with ``epoch`` counting from 1 and
+    fixed for the whole epoch. kdkit's steps carry the 0-based fractional epoch
+    (``StepView.epoch_progress = step / steps_per_epoch``), so the factor is
+    ``min((floor(epoch_progress) + 1) / warmup_epochs, 1)``: ``1 / warmup_epochs`` (0.05 for the
+    default 20) from the first step of the first epoch to its last, ``k / warmup_epochs`` in epoch
+    ``k`` (counted from 1), and 1 from epoch ``warmup_epochs`` on; 1 when ``warmup_epochs`` is 0.
+    Epochs are passes over the stage's training data, also in a step-based stage.
     """
 
     needs_labels = True
@@ -232,7 +240,10 @@ class DKD(Term):
         self.standardize = standardize
 
     def warmup_factor(self, epoch_progress: float) -> float:
-        return min(epoch_progress / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        """The factor at 0-based fractional epoch ``epoch_progress``: the 1-based epoch over the warm-up."""
+        if self.warmup_epochs <= 0:
+            return 1.0
+        return min((math.floor(epoch_progress) + 1) / self.warmup_epochs, 1.0)
 
     def forward(self, view: StepView) -> Tensor:
         labels = _labels(view, "dkd")

@@ -13,7 +13,7 @@ from kdkit.config import ScheduleConfig, load_config
 from kdkit.engine.callbacks import Callback
 from kdkit.engine.checkpoint import atomic_write_text, load_checkpoint
 from kdkit.engine.schedule import lr_factor
-from kdkit.engine.trainer import select_parameters
+from kdkit.engine.stages import select_parameters
 from kdkit.errors import KdkitError
 from kdkit.models import build_model, load_weights
 

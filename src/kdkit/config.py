@@ -10,6 +10,8 @@ nearest valid key). A file may start from another with ``base: other.yaml`` (dee
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +89,9 @@ class EvalConfig(Strict):
     crop: tuple[int, int] | None = Field(None, description="slide: window [H, W]")
     stride: tuple[int, int] | None = Field(None, description="slide: step [H, W]; default 2/3 of the window")
     hp_threshold: float = Field(0.75, gt=0, lt=1)
+    metric: Literal["miou", "miou_per_image"] = Field(
+        "miou", description="headline: dataset mIoU or mean per-image mIoU (Spirit Distillation Eq. 5)"
+    )
 
     @model_validator(mode="after")
     def _window(self) -> EvalConfig:
@@ -137,7 +142,13 @@ class ScheduleConfig(Strict):
 
 
 class StageConfig(Strict):
-    """One stage: its terms, trainable student parameters, optimizer, schedule and length."""
+    """One stage: its terms, trainable student parameters, optimizer, schedule and length.
+
+    ``eval_every`` is in the stage's unit: epochs when the stage sets ``epochs`` (an evaluation at the
+    end of every ``eval_every``-th epoch), steps when it sets ``steps`` (every ``eval_every`` steps,
+    counted from the stage's start). The stage's last step always evaluates, and each evaluation
+    writes a checkpoint.
+    """
 
     name: str = "main"
     epochs: int | None = Field(None, ge=1)
@@ -160,7 +171,12 @@ class StageConfig(Strict):
 
 class RuntimeConfig(Strict):
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | Literal["auto"] = Field(
+        0,
+        description="CPU intra-op threads; 0 or auto: OMP_NUM_THREADS if set, else the free cores "
+        "(available CPUs less the load average, shared among torchrun's local processes)",
+    )
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the device computes it natively
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
@@ -170,6 +186,12 @@ class RuntimeConfig(Strict):
     checkpoint_every_steps: int = Field(0, ge=0, description="0: at the end of each epoch only")
     log_every: int = Field(20, ge=1)
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _threads_not_negative(self) -> RuntimeConfig:
+        if isinstance(self.threads, int) and self.threads < 0:
+            raise ValueError("runtime.threads must be a positive count, or 0 / auto for the default")
+        return self
 
 
 class RunConfig(Strict):
@@ -236,7 +258,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = _parse_dotted(key.strip())
     if not parts:
         raise ConfigError(f"--set {assignment}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {assignment}: the value is not valid YAML ({problem}); quote it, e.g. --set 'key=[a, b]'"
+        ) from None
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -394,9 +422,22 @@ def check_terms(config: RunConfig, source: str = "config", text: str | None = No
     groups: list[tuple[Loc, list[Any], Registry]] = [(("refiners",), config.refiners, REFINERS)]
     groups += [(("terms",), config.terms, TERMS)]
     groups += [(("stages", i, "terms"), s.terms, TERMS) for i, s in enumerate(config.stages) if s.terms]
+    for i, stage in enumerate(config.stages):
+        if not config.stage_terms(stage):
+            loc: Loc = ("terms",) if stage.terms is None else ("stages", i, "terms")
+            raise ConfigError(
+                f"{_where(source, text, loc)}: {_fmt_loc(loc)}: empty list; stage '{stage.name}' needs at "
+                "least one term, e.g. terms: [{name: ce}]"
+            )
     for prefix, entries, registry in groups:
         for i, entry in enumerate(entries):
             loc = (*prefix, i)
+            if registry is TERMS and not (math.isfinite(entry.weight) and entry.weight >= 0):
+                raise ConfigError(
+                    f"{_where(source, text, (*loc, 'weight'))}: {_fmt_loc((*loc, 'weight'))}: term "
+                    f"'{entry.name}' has weight {entry.weight}; a weight must be a finite number >= 0 "
+                    "(0 switches the term off)"
+                )
             if entry.name not in registry:
                 raise ConfigError(
                     f"{_where(source, text, (*loc, 'name'))}: {_fmt_loc(loc)}.name: "
@@ -438,14 +479,32 @@ def load_config(
     try:
         return validate(data, source, text)
     except ConfigError as exc:
-        if overrides and _override_touched(str(exc), overrides):
-            raise ConfigError(f"{exc} [from --set]") from None
-        raise
+        culprit = _override_at_fault(str(exc), source, overrides)
+        if culprit is None:
+            raise
+        where = re.compile(rf"^{re.escape(source)}(:\d+)?: ")
+        raise ConfigError(f"--set {culprit}: {where.sub('', str(exc), count=1)}") from None
 
 
-def _override_touched(message: str, overrides: Sequence[str]) -> bool:
-    keys = [a.split("=", 1)[0] for a in overrides]
-    return any(_fmt_loc(tuple(_parse_dotted(k))) in message for k in keys)
+def _override_at_fault(message: str, source: str, overrides: Sequence[str]) -> str | None:
+    """The (last) ``--set`` assignment whose key is, contains or lies inside the key an error names.
+
+    Validation messages read ``<source>[:line]: <key>...: <problem>``; an error at ``stages[0]`` is
+    caused by ``--set stages.0.epochs=...`` and one at ``stages[0].epochs`` by ``--set stages=[...]``.
+    """
+    rest = re.sub(rf"^{re.escape(source)}(:\d+)?: ", "", message, count=1)
+    failing = re.match(r"[A-Za-z_][\w\[\].]*", rest)
+    if failing is None:
+        return None
+    failing_key = failing.group(0).rstrip(".")
+    for assignment in reversed(overrides):
+        key = _fmt_loc(tuple(_parse_dotted(assignment.split("=", 1)[0].strip())))
+        if not key:
+            continue
+        for inner, outer in ((failing_key, key), (key, failing_key)):
+            if inner == outer or inner.startswith(outer + ".") or inner.startswith(outer + "["):
+                return assignment
+    return None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -5,6 +5,7 @@ Layout: ``<root>/<split>/<class>/*.{png,jpg,jpeg,bmp,webp}`` with split ``train`
 themselves, and every split then returns the same images. Classes are the sorted union of
 the class folders of all splits, so label indices agree between splits. Images are converted
 to RGB; with ``image_size`` the shorter side is resized to it and the centre square kept.
+A class folder without images is an error (its class would stay in the classifier's head).
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def _list_files(root: Path, split: str) -> tuple[list[Path], list[int], list[str
     here = root / split if present else root
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (here / name).glob("*") if p.suffix.lower() in EXTENSIONS)
+        folder = here / name
+        found = sorted(p for p in folder.glob("*") if p.suffix.lower() in EXTENSIONS)
+        if folder.is_dir() and not found:
+            raise KdkitError(
+                f"class folder '{folder}' has no images ({', '.join(sorted(EXTENSIONS))}); add images or "
+                "remove the folder (its class would otherwise stay in the classifier with no examples)"
+            )
         files += found
         labels += [label] * len(found)
     if not files:

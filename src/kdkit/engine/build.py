@@ -26,8 +26,10 @@ from ..taps import main_output
 from .callbacks import Callback, ProgressBar
 from .distiller import Distiller, WeightedTerm
 from .distributed import init_distributed, resolve_device, sync_batchnorm
+from .evaluate import resolve_precision
+from .stages import Stage
 from .tasks import build_task
-from .trainer import Stage, Trainer
+from .trainer import Trainer
 
 
 class DataCache:
@@ -95,6 +97,7 @@ def build_refiners(
         ),
         label_terms=sorted({wt.name for terms in stage_terms for wt in terms if wt.term.needs_labels}),
         ignore_index=getattr(task, "ignore_index", -100),
+        seed=config.runtime.seed,
     )
     refiners = []
     for i, entry in enumerate(config.refiners):
@@ -164,8 +167,12 @@ def build_run(
     ``modules`` may hold a ready ``"student"``/``"teacher"`` to use instead of building from the config.
     """
     modules = dict(modules or {})
+    device = resolve_device(config.runtime.device, config.runtime.threads)
+    if config.runtime.precision == "auto":  # the resolved precision is what config.yaml records
+        precision = resolve_precision("auto", device)
+        runtime = config.runtime.model_copy(update={"precision": precision})
+        config = config.model_copy(update={"runtime": runtime})
     runtime = config.runtime
-    device = resolve_device(runtime.device)
     info = init_distributed(device)
     if runtime.deterministic:
         torch.use_deterministic_algorithms(True)

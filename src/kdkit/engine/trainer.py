@@ -4,16 +4,24 @@ A run is a list of :class:`Stage`; each sets its data, terms with weights, which
 train (glob patterns on parameter names), optimizer, schedule, length (epochs or steps) and evaluation
 interval. The loop counts steps; every random choice derives from ``(seed, stage, epoch, step)`` (see
 :mod:`kdkit.engine.batches`), so a resumed run repeats an uninterrupted one exactly in deterministic mode.
+
+Step numbers: ``step`` counts the optimizer steps completed in the current stage, in ``metrics.jsonl``,
+in checkpoints and in error messages alike. Step N is the N-th update: "non-finite loss at step N" means
+the N-th update was refused (``metrics.jsonl`` holds steps up to N - 1), "the state after step N" the
+parameters that the N-th update produced.
+
+Safety: the loss is checked for NaN/inf at every step, and the whole training state at every save point,
+before evaluating and saving; checkpoints go through :class:`~kdkit.engine.keeper.CheckpointKeeper`
+(pending -> last once a forward pass from them was finite). The run directory is claimed for the run's
+lifetime (:mod:`kdkit.engine.rundir`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,72 +29,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import AugmentConfig, OptimizerConfig, RuntimeConfig, ScheduleConfig
+from ..config import RuntimeConfig
 from ..data.augment import BatchAugment
 from ..errors import KdkitError
-from ..registry import did_you_mean
 from .batches import Batches, derive_seed, generator
 from .callbacks import Callback
-from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from .distiller import Distiller, WeightedTerm
+from .checkpoint import DiskFullError, atomic_write_json, is_disk_full, position
+from .distiller import Distiller
 from .distributed import DistInfo, all_mean, barrier
 from .evaluate import autocast
+from .keeper import CheckpointKeeper, training_tensors
+from .rundir import RunLock, claim_run_dir
 from .schedule import lr_factor
+from .stages import Stage, build_optimizer, select_parameters
 from .tasks import ClassificationTask
-
-
-@dataclass
-class Stage:
-    """One stage of a run (see :class:`kdkit.config.StageConfig` for the YAML view)."""
-
-    name: str
-    terms: list[WeightedTerm]
-    train_data: Any
-    eval_data: Any
-    epochs: int | None = None
-    steps: int | None = None
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: Sequence[str] = ("*",)
-    eval_every: int = 1
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-def select_parameters(model: nn.Module, patterns: Sequence[str], stage: str) -> list[str]:
-    """Names of the parameters matching any glob pattern; a pattern matching nothing is an error."""
-    names = [name for name, _ in model.named_parameters()]
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise KdkitError(
-                f"stage '{stage}': train pattern '{pattern}' matches no student parameter"
-                f"{did_you_mean(pattern, names)}"
-            )
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
-
-
-def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW; weight decay skips 1-D parameters (norms, biases) only for AdamW."""
-    if config.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
 
 
 class _Window:
@@ -145,8 +101,9 @@ class Trainer:
         self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.keeper = CheckpointKeeper(self.run_dir, self.info, self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -158,8 +115,13 @@ class Trainer:
         if not self.info.main:
             return
         self.history.append(record)
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(self.metrics_path) from None
+            raise
         for callback in self.callbacks:
             callback.on_log(self, record)
 
@@ -173,23 +135,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _state(self, stage_index: int, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def _state(
+        self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
         return {
             "stage": stage_index,
-            "step": step,
+            "stage_name": self.stages[stage_index].name,
+            "step": step,  # optimizer steps completed in this stage, as metrics.jsonl counts them
+            "epoch": step / per_epoch,
             "student": self.distiller.student.state_dict(),
             "terms": self.distiller.terms.state_dict(),
             "optimizer": optimizer.state_dict(),
             "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
         }
 
-    def _save(self, stage_index: int, step: int, optimizer: torch.optim.Optimizer) -> None:
-        if self.info.main:
-            save_checkpoint(self.checkpoint_path, self._state(stage_index, step, optimizer))
-        barrier(self.info)
+    def _save(self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """Write ``checkpoints/pending.pt`` (rank 0), promoted to ``last.pt`` by the next step's forward
+        pass (:class:`~kdkit.engine.keeper.CheckpointKeeper`)."""
+        state = self._state(stage_index, step, per_epoch, optimizer) if self.info.main else None
+        self.keeper.save(state, position({"stage_name": self.stages[stage_index].name, "step": step}))
+
+    def _modules(self) -> tuple[tuple[str, nn.Module], ...]:
+        return (("student", self.distiller.student), ("term", self.distiller.terms))
 
     def _restore(self) -> dict[str, Any]:
-        state = load_checkpoint(self.checkpoint_path)
+        state = self.keeper.load()
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.terms.load_state_dict(state["terms"])
         if self.info.main and self.metrics_path.exists():
@@ -200,12 +170,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train every stage (from the last checkpoint when ``resume``); returns the summary."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train every stage (from the last checkpoint when ``resume``); returns the summary.
+
+        The run directory is locked until this returns or raises; one that already holds a run is
+        refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set
+        (:func:`~kdkit.engine.rundir.claim_run_dir`).
+        """
+        lock = self._claim(resume, overwrite)
+        try:
+            return self._fit(resume)
+        except DiskFullError as exc:
+            raise KdkitError(self.keeper.disk_full(str(exc))) from None
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _claim(self, resume: bool, overwrite: bool) -> RunLock | None:
+        """Rank 0 claims the run directory; every process raises the same one-line error if it cannot."""
+        lock, message = None, ""
         if self.info.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                self.metrics_path.unlink(missing_ok=True)
+            try:
+                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            except KdkitError as exc:
+                message = str(exc)
+        if self.info.active:
+            box = [message]
+            torch.distributed.broadcast_object_list(box, src=0)
+            message = box[0]
+        if message:
+            raise KdkitError(message)
+        return lock
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         barrier(self.info)
         state = self._restore() if resume else None
         start_stage, start_step = (state["stage"], state["step"]) if state else (0, 0)
@@ -215,6 +212,7 @@ class Trainer:
         for index in range(start_stage, len(self.stages)):
             resume_state = state if (state and index == start_stage) else None
             self._run_stage(index, start_step if resume_state else 0, resume_state)
+        self.keeper.promote()  # the final checkpoint: nothing trains from it in this run
         summary = self.summary()
         if self.info.main:
             atomic_write_json(self.run_dir / "summary.json", summary)
@@ -259,6 +257,7 @@ class Trainer:
         optimizer = build_optimizer(stage.optimizer, params)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
+        self.optimizer = optimizer  # the current stage's (callbacks may read it)
         model: nn.Module = self.distiller
         if self.info.active:
             model = DistributedDataParallel(self.distiller, find_unused_parameters=True)
@@ -303,7 +302,11 @@ class Trainer:
                 images = images.contiguous(memory_format=self.memory_format)
                 with autocast(self.device, self.runtime.precision):
                     loss, parts, _ = model(images, labels, epoch, step / per_epoch)
-                self._check_finite(loss, parts, stage, epoch, step)
+                self._check_finite(loss, parts, index, stage, step, per_epoch)
+                if self.keeper.pending is not None:
+                    where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"
+                    where += f" (epoch {(step + 1) / per_epoch:.2f})"
+                    self.keeper.verify(self._modules(), where, index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -313,11 +316,14 @@ class Trainer:
                     self._log_train(index, stage, step, per_epoch, lr, window)
                     window = _Window()
                 self._emit("on_step_end", stage, step)
-                if self._eval_due(stage, step, per_epoch, total, by_epochs):
-                    self._evaluate(index, stage, step, per_epoch, evals)
-                    self._save(index, step, optimizer)
-                elif self.runtime.checkpoint_every_steps and step % self.runtime.checkpoint_every_steps == 0:
-                    self._save(index, step, optimizer)
+                eval_due = self._eval_due(stage, step, per_epoch, total, by_epochs)
+                every = self.runtime.checkpoint_every_steps
+                if eval_due or (every and step % every == 0):
+                    where = f"after step {step} of stage '{stage.name}' (epoch {step / per_epoch:.2f})"
+                    self.keeper.check(training_tensors(self._modules(), optimizer), where, index)
+                    if eval_due:
+                        self._evaluate(index, stage, step, per_epoch, evals)
+                    self._save(index, step, per_epoch, optimizer)
                 if step >= total:
                     break
         self._emit("on_stage_end", stage)
@@ -330,23 +336,33 @@ class Trainer:
         return step % stage.eval_every == 0
 
     def _check_finite(
-        self, loss: torch.Tensor, parts: dict[str, torch.Tensor], stage: Stage, epoch: int, step: int
-    ):
+        self,
+        loss: torch.Tensor,
+        parts: dict[str, torch.Tensor],
+        index: int,
+        stage: Stage,
+        done: int,
+        per_epoch: int,
+    ) -> None:
+        """Refuse update number ``done + 1`` when its loss is NaN/inf; the message shows each term as
+        value x weight = weighted value (a huge weight overflows the total while each value is finite)."""
         bad = not bool(torch.isfinite(loss.detach()).item())
         if self.info.active:
-            flag = torch.tensor([1.0 if bad else 0.0])
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
             torch.distributed.all_reduce(flag)
             bad = flag.item() > 0
         if bad:
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            where = (
-                f"the last good checkpoint is {self.checkpoint_path}"
-                if self.checkpoint_path.exists()
-                else "no checkpoint yet"
+            dropped = self.keeper.discard()  # the state it was saved from gives this non-finite loss
+            weights = {wt.name: wt.weight for wt in self.distiller.active_terms()}
+            terms = ", ".join(
+                f"{k} {float(v):.4g} x {weights.get(k, 1.0):.4g} = {weights.get(k, 1.0) * float(v):.4g}"
+                for k, v in parts.items()
             )
+            step = done + 1
             raise KdkitError(
-                f"non-finite loss in stage '{stage.name}', epoch {epoch}, step {step} ({terms}); {where}. "
-                f"Lower the learning rate, use runtime.precision=fp32, or check the data and term weights"
+                f"non-finite loss {float(loss.detach()):.4g} at step {step} of stage '{stage.name}' "
+                f"(epoch {step / per_epoch:.2f}; terms as value x weight = weighted: {terms}). "
+                f"{dropped}{self.keeper.resume_hint(index)}"
             )
 
     def _log_train(
@@ -384,7 +400,10 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """Best (over the last stage's evaluations) and last value of the task's metric, and the
-        teacher's: ``best_top1``/``last_top1``... for classification, ``best_miou``... for segmentation."""
+        teacher's: ``best_top1``/``last_top1``... for classification, ``best_miou``... for segmentation
+        (``best_miou_per_image``... when ``evaluation.metric`` makes Eq. 5 the headline). Segmentation
+        summaries also carry the last value of both mIoUs (``last_miou``: dataset; ``last_miou_per_image``:
+        Spirit Distillation Eq. 5), pixel accuracy, mIoU variance and HP-Acc."""
         metric = self.task.metric
         evals = [r for r in self.history if r["kind"] == "eval"]
         teacher = [r for r in self.history if r["kind"] == "teacher_eval"]
@@ -401,8 +420,9 @@ class Trainer:
             "best_epoch": best["epoch"],
             "last_epoch": last["epoch"],
         }
-        extras = ("top5",) if metric == "top1" else ("pixel_acc", "miou_var", "hp_acc")
-        out.update({f"last_{key}": last[key] for key in extras})
+        segmentation = ("miou", "miou_per_image", "pixel_acc", "miou_var", "hp_acc")
+        extras = ("top5",) if metric == "top1" else segmentation
+        out.update({f"last_{key}": last[key] for key in extras if key in last})
         if teacher:
             out[f"teacher_{metric}"] = teacher[-1][metric]
         if not math.isfinite(out[f"last_{metric}"]):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..engine.checkpoint import FILE_MODE
 from ..errors import KdkitError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -134,6 +135,7 @@ def save_weights(
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)  # safetensors creates the file 0600; give it a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

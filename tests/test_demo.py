@@ -34,7 +34,15 @@ def test_demo_pipeline_on_tiny_settings_reuses_the_teacher(tmp_path, monkeypatch
     first = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "a"), *TINY])
     assert first.exit_code == 0, first.output
     assert "teacher: training" in first.output
-    check_report(tmp_path / "a")
+    report = check_report(tmp_path / "a")
+    # a one-epoch teacher on 128 images is far below the recipe's 80 %: said, not presented as a result
+    assert "warning:" in first.output and "**Warning: the teacher reached" in report
+    assert "points top-1 over the student alone" not in report
+    assert "128 training and 64" in report and "(1 epochs)" in report  # the sizes this call used
+    # the report and the teacher travel with the folder: a copy of the teacher, relative links only
+    links = [line for line in report.splitlines() if not line.startswith("**Warning")]  # names the cache
+    assert not (tmp_path / "a" / "teacher").is_symlink() and str(tmp_path) not in "\n".join(links)
+    assert not (tmp_path / "a" / "teacher" / "checkpoints").exists()
     second = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "b"), *TINY])
     assert second.exit_code == 0 and "teacher: reusing" in second.output
     # the README's API example distills from the teacher the demo leaves in <out>/teacher
@@ -112,4 +120,18 @@ def test_style_demo_pipeline_on_tiny_settings(tmp_path, monkeypatch):
     assert "not seen with labels" in report and (tmp_path / "st" / "styles.png").stat().st_size > 10_000
     assert (tmp_path / "st" / "kd-style-seed0" / "style_preview.png").is_file()
     styles = (tmp_path / "st" / "kd-seed0" / "styles.md").read_text()
-    assert "drop from day" in styles
+    assert "change from day" in styles
+
+
+def test_teacher_check_warns_only_far_below_the_recipe(tmp_path):
+    from rich.console import Console
+
+    from kdkit.demo import EXPECTED_TEACHER, TEACHER_FLOOR, check_teacher
+
+    console = Console(file=open(tmp_path / "log", "w"))  # noqa: SIM115 - closed with the test
+    metric, expected = EXPECTED_TEACHER["demo/teacher.yaml"]
+    for reached, warned in ((TEACHER_FLOOR * expected + 0.01, False), (50.0, True)):
+        (tmp_path / "summary.json").write_text(f'{{"best_{metric}": {reached}}}')
+        warning = check_teacher(tmp_path, "demo/teacher.yaml", console)
+        assert (warning is not None) == warned
+    assert "50.00" in warning and str(tmp_path) in warning

@@ -20,7 +20,16 @@ from rich.console import Console
 from . import demo, demo_segmentation
 from .api import evaluate_styles, train_from_config
 from .config import _read_yaml, load_config
-from .demo import _link, cached_teacher, link_teacher, preset, write_report
+from .demo import (
+    _link,
+    cached_teacher,
+    check_teacher,
+    copy_teacher,
+    data_sizes,
+    preset,
+    teacher_warning,
+    write_report,
+)
 from .engine.tasks import METRIC_LABELS
 from .report.plots import plot_style_comparison
 from .report.runreport import markdown_table
@@ -39,7 +48,7 @@ class StyleDemo:
     quick_shared: tuple[str, ...]
     quick_teacher: tuple[str, ...]
     quick_run: tuple[str, ...]
-    data: str  # what the students learn from, for the report
+    data: str  # what the students learn from, for the report ({train_size} is filled in)
 
 
 DEMOS = {
@@ -49,7 +58,7 @@ DEMOS = {
         tuple(demo.QUICK),
         tuple(demo.QUICK_TEACHER),
         (),
-        "embedded shapes (day, 10,000 training images); teacher ResNet-20, students ResNet-8",
+        "embedded shapes (day, {train_size} training images); teacher ResNet-20, students ResNet-8",
     ),
     "segmentation": StyleDemo(
         "demo_segmentation/teacher.yaml",
@@ -57,8 +66,8 @@ DEMOS = {
         tuple(demo_segmentation.QUICK),
         tuple(demo_segmentation.QUICK_RUN["teacher"]),
         tuple(demo_segmentation.QUICK_RUN["single"]),
-        "road scenes of the target city (day, 128 labelled images); teacher mini DeepLabV3 trained on "
-        "the source city (day), students mini DeepLabV3 x0.3",
+        "road scenes of the target city (day, {train_size} labelled images); teacher mini DeepLabV3 "
+        "trained on the source city (day), students mini DeepLabV3 x0.3",
     ),
 }
 
@@ -71,7 +80,8 @@ def run_style_demo(
     console = Console()
     shared = [*(spec.quick_shared if quick else ()), *overrides]
     teacher_dir = cached_teacher([*shared, *(spec.quick_teacher if quick else ())], console, spec.teacher)
-    link_teacher(out, teacher_dir)
+    warning = None if quick else check_teacher(teacher_dir, spec.teacher, console)
+    copy_teacher(out, teacher_dir)
     run_dirs = {}
     for key, (path, label) in spec.runs.items():
         run_overrides = [
@@ -85,10 +95,10 @@ def run_style_demo(
             run_overrides.append(f"teacher.weights={teacher_dir / 'student.safetensors'}")
         console.print(f"{label}: training")
         run_dirs[key] = out / f"{key}-seed{seed}"
-        train_from_config(load_config(preset(path), run_overrides), run_dir=run_dirs[key])
+        train_from_config(load_config(preset(path), run_overrides), run_dir=run_dirs[key], overwrite=True)
         console.print(f"{label}: evaluating on {', '.join(STYLES)}")
         evaluate_styles(run_dirs[key], styles=STYLES)
-    return write_style_report(out, task, run_dirs, quick)
+    return write_style_report(out, task, run_dirs, quick, warning)
 
 
 def style_results(run_dir: Path) -> dict[str, float]:
@@ -97,7 +107,9 @@ def style_results(run_dir: Path) -> dict[str, float]:
     return {row["style"]: row[report["metric"]] for row in report["rows"]}
 
 
-def write_style_report(out: Path, task: str, run_dirs: dict[str, Path], quick: bool) -> Path:
+def write_style_report(
+    out: Path, task: str, run_dirs: dict[str, Path], quick: bool, warning: str | None = None
+) -> Path:
     spec = DEMOS[task]
     metric = "top1" if task == "classification" else "miou"
     label = METRIC_LABELS[metric]
@@ -120,13 +132,15 @@ def write_style_report(out: Path, task: str, run_dirs: dict[str, Path], quick: b
     )
     unseen = [s for s in STYLES if s != "day"]
     gain = sum(results["kd-style"][s] - results["kd"][s] for s in unseen) / len(unseen)
+    data = spec.data.format(train_size=data_sizes(run_dirs["kd"])[0])
     text = [
         f"# kdkit style demo, {task}" + (" (quick)" if quick else ""),
         "",
-        f"Data: {spec.data}. Every style of the test set shares the day test set's content and labels;",
+        f"Data: {data}. Every style of the test set shares the day test set's content and labels;",
         "only day was seen with labels. KD + style adds a Fourier-styled copy of every training image",
         "(styles of 24 unlabelled night/fog/snow images of other scenes, alpha ~ U(0.3, 1)).",
         "",
+        *teacher_warning(warning),
         markdown_table(["style", *[f"{names[k]} {label}" for k in run_dirs], "style − plain"], rows),
         "",
         f"Mean gain of KD + style over plain KD on the styles not seen with labels: {gain:+.2f} points.",

@@ -75,7 +75,8 @@ def main() -> None:
             left = plateau_epoch(run, 10)
             precision = load_config(run / "config.yaml").runtime.precision
             rows.append(
-                f"| {seed} | {threads} | {precision} | {summary['best_top1']:.2f} | {summary['last_top1']:.2f} | "
+                f"| {seed} | {threads} | {precision} | {summary['best_top1']:.2f} | "
+                f"{summary['last_top1']:.2f} | "
                 f"{'never' if left is None else f'{left:.2f}'} | {f'{wall:.0f} s' if wall else 'reused'} |"
             )
             print(rows[-1], flush=True)
@@ -86,7 +87,8 @@ def main() -> None:
         f"Preset `configs/demo/teacher.yaml`{extra}; "
         "each run in its own process with `OMP_NUM_THREADS` = threads.",
         "",
-        "| seed | threads | precision | best top-1 (%) | last top-1 (%) | epoch loss < 0.9 ln 10 | wall time |",
+        "| seed | threads | precision | best top-1 (%) | last top-1 (%) | epoch loss < 0.9 ln 10 "
+        "| wall time |",
         "|---|---|---|---|---|---|---|",
         *rows,
         "",

@@ -35,6 +35,19 @@ def _records(run_dir, kind):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def run_script(tmp_path, source: str) -> str:
+    """Run ``source`` as a script in its own process (one thread, ``tmp_path`` as its argument); the
+    last line it printed."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     torch.manual_seed(0)
@@ -165,14 +178,7 @@ BF16_CONV_GRAD_RTOL = 2e-2
 
 
 def test_global_batchnorm_bf16_matches_one_process_and_shutdown_waits(tmp_path):
-    script = tmp_path / "bn.py"
-    script.write_text(BN_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(run_script(tmp_path, BN_SCRIPT))
     bf16, fp32 = result["bf16"], result["fp32"]
     assert bf16["dtype"] == bf16["ref_dtype"] == "torch.bfloat16"  # as BatchNorm2d under autocast
     assert fp32["dtype"] == "torch.float32"
@@ -235,14 +241,7 @@ THREADS_SCRIPT = textwrap.dedent(
 def test_runtime_threads_reach_torch(tmp_path):
     """runtime.threads sets torch's intra-op threads when the run is built (own process: the suite's
     thread count stays as it is)."""
-    script = tmp_path / "threads.py"
-    script.write_text(THREADS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[1, 3, 2]"
+    assert run_script(tmp_path, THREADS_SCRIPT) == "[1, 3, 2]"
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,6 @@ def inspect_config(path: str | Path, overrides: Sequence[str] = (), dry: bool = 
     size and classes come from :mod:`kdkit.data.shapes`). ``report["dry"]`` says what was assumed.
     """
     from .engine.build import build_run
-    from .taps import module_shapes
 
     if dry:
         return _inspect_dry(Path(path), overrides)
@@ -292,30 +291,13 @@ def inspect_config(path: str | Path, overrides: Sequence[str] = (), dry: bool = 
     sample = built.trainer.prepare_eval(
         torch.stack([built.trainer.stages[0].eval_data[i][0] for i in range(2)])
     )
-    report: dict[str, Any] = {"connectors": []}
-    roles = [("student", distiller.student, config.student.name)]
-    if distiller.teacher is not None and config.teacher is not None:
-        roles.insert(0, ("teacher", distiller.teacher, config.teacher.name))
-    for role, model, name in roles:
-        report[role] = {
-            "name": name,
-            "params": sum(p.numel() for p in model.parameters()),
-            "taps": built.shapes.get(role, {}),
-            "modules": module_shapes(model, sample, depth=1),
-        }
-    for key, term in distiller.terms.items():
-        for child_name, child in term.named_children():
-            n = sum(p.numel() for p in child.parameters())
-            report["connectors"].append(f"connector {key}.{child_name}: {child} ({n} params)")
-    distiller.release_taps()
-    return report
+    return _inspect_report(distiller, config, built.shapes, sample)
 
 
 def _inspect_dry(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from .config import _read_yaml, apply_override, validate
     from .engine.build import build_network, build_terms
     from .engine.distiller import Distiller
-    from .taps import module_shapes
 
     data = _read_yaml(path)
     for assignment in overrides:
@@ -336,19 +318,27 @@ def _inspect_dry(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
     sample = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(config.runtime.seed))
     with torch.no_grad():
         shapes = distiller.setup(sample)
-    report: dict[str, Any] = {
-        "connectors": [],
-        "dry": {
-            "input": (2, 3, *size),
-            "task": shape.task,
-            "num_classes": config.student.num_classes or shape.num_classes,
-            "skipped_weights": skipped,
-            "skipped_refiners": refiners,
-        },
+    report = _inspect_report(distiller, config, shapes, sample)
+    report["dry"] = {
+        "input": (2, 3, *size),
+        "task": shape.task,
+        "num_classes": config.student.num_classes or shape.num_classes,
+        "skipped_weights": skipped,
+        "skipped_refiners": refiners,
     }
-    roles = [("student", student, config.student.name)]
-    if teacher is not None and config.teacher is not None:
-        roles.insert(0, ("teacher", teacher, config.teacher.name))
+    return report
+
+
+def _inspect_report(
+    distiller: Any, config: RunConfig, shapes: Mapping[str, Any], sample: torch.Tensor
+) -> dict[str, Any]:
+    """Teacher and student (name, params, taps, top-level module shapes) and the connectors built."""
+    from .taps import module_shapes
+
+    report: dict[str, Any] = {"connectors": []}
+    roles = [("student", distiller.student, config.student.name)]
+    if distiller.teacher is not None and config.teacher is not None:
+        roles.insert(0, ("teacher", distiller.teacher, config.teacher.name))
     for role, model, name in roles:
         report[role] = {
             "name": name,

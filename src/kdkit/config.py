@@ -14,203 +14,30 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError
 from .registry import DATASETS, MODELS, REFINERS, TERMS, Registry, did_you_mean
+from .schema import (  # noqa: F401 - the schema is part of this module's API
+    AugmentConfig,
+    DataConfig,
+    EvalConfig,
+    MixConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RefinerConfig,
+    RunConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    StageConfig,
+    Strict,
+    TermConfig,
+)
 
 Loc = tuple[str | int, ...]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(Strict):
-    """A network: a registered zoo name, ``torchvision:<name>`` or ``timm:<name>``."""
-
-    name: str
-    weights: Path | None = None
-    num_classes: int | None = Field(None, description="default: the dataset's number of classes")
-    kwargs: dict[str, Any] = {}
-
-
-class AugmentConfig(Strict):
-    """Training augmentation. Classification: padded random crop + flip. Segmentation: random scale,
-    crop (padding images with 0 and masks with the ignore index), flip; masks use nearest neighbours."""
-
-    crop_padding: int = Field(4, ge=0, description="classification: zero padding of the random crop")
-    flip: bool = True
-    scale: tuple[float, float] = Field((1.0, 1.0), description="segmentation: random rescale range")
-    crop: tuple[int, int] | None = Field(None, description="segmentation: [H, W] crop; default image size")
-
-    @model_validator(mode="after")
-    def _ordered_scale(self) -> AugmentConfig:
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
-        return self
-
-
-class MixConfig(Strict):
-    """A second dataset mixed into the training split at ``ratio`` = target images per mixed-in image
-    (Enhanced Spirit Distillation's r; 0 means mixed-in images only)."""
-
-    name: str
-    root: str | None = None
-    split: str = "train"
-    params: dict[str, Any] = {}
-    ratio: float = Field(1.0, ge=0)
-
-
-class DataConfig(Strict):
-    """A registered dataset; ``params`` go to its builder (``eval_params`` override them for evaluation)."""
-
-    name: str = "embedded"
-    root: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    params: dict[str, Any] = {}
-    eval_params: dict[str, Any] = {}
-    batch_size: int = Field(128, ge=1, description="global batch, split over processes")
-    eval_batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
-    augment: AugmentConfig = AugmentConfig()
-    mix: MixConfig | None = Field(None, description="unlabelled proximity-domain images mixed into training")
-
-
-class EvalConfig(Strict):
-    """How segmentation is evaluated: whole images or overlapping sliding windows, and the
-    HP-Acc threshold of Spirit Distillation (Eq. 7-8)."""
-
-    mode: Literal["whole", "slide"] = "whole"
-    crop: tuple[int, int] | None = Field(None, description="slide: window [H, W]")
-    stride: tuple[int, int] | None = Field(None, description="slide: step [H, W]; default 2/3 of the window")
-    hp_threshold: float = Field(0.75, gt=0, lt=1)
-    metric: Literal["miou", "miou_per_image"] = Field(
-        "miou", description="headline: dataset mIoU or mean per-image mIoU (Spirit Distillation Eq. 5)"
-    )
-
-    @model_validator(mode="after")
-    def _window(self) -> EvalConfig:
-        if self.mode == "slide" and self.crop is None:
-            raise ValueError("mode 'slide' needs crop: [H, W]")
-        return self
-
-
-class TermConfig(BaseModel):
-    """A registered term with its weight; other keys are the term's constructor arguments."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    weight: float = 1.0
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class RefinerConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class OptimizerConfig(Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-class ScheduleConfig(Strict):
-    """Learning-rate schedule in the stage's unit (epochs, or steps for step-based stages)."""
-
-    name: Literal["multistep", "cosine", "poly", "constant"] = "multistep"
-    milestones: list[float] = []
-    gamma: float = 0.1
-    power: float = 0.9
-    min_factor: float = Field(0.0, ge=0, description="floor of the lr multiplier (cosine, poly)")
-    warmup: float = Field(0.0, ge=0, description="linear warm-up length, same unit as the stage")
-
-
-class StageConfig(Strict):
-    """One stage: its terms, trainable student parameters, optimizer, schedule and length.
-
-    ``eval_every`` is in the stage's unit: epochs when the stage sets ``epochs`` (an evaluation at the
-    end of every ``eval_every``-th epoch), steps when it sets ``steps`` (every ``eval_every`` steps,
-    counted from the stage's start). The stage's last step always evaluates, and each evaluation
-    writes a checkpoint.
-    """
-
-    name: str = "main"
-    epochs: int | None = Field(None, ge=1)
-    steps: int | None = Field(None, ge=1)
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    train: list[str] = Field(["*"], description="glob patterns on student parameter names")
-    terms: list[TermConfig] | None = Field(None, description="default: the run's terms")
-    data: DataConfig | None = Field(None, description="default: the run's data")
-    eval_every: int = Field(
-        1, ge=1, description="epochs (or steps for step-based stages) between evaluations"
-    )
-
-    @model_validator(mode="after")
-    def _one_length(self) -> StageConfig:
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("set exactly one of 'epochs' and 'steps'")
-        return self
-
-
-class RuntimeConfig(Strict):
-    device: str = "auto"
-    threads: int | Literal["auto"] = Field(
-        0,
-        description="CPU intra-op threads; 0 or auto: OMP_NUM_THREADS if set, else the free cores "
-        "(available CPUs less the load average, shared among torchrun's local processes)",
-    )
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the device computes it natively
-    channels_last: bool = False
-    compile: bool = False
-    deterministic: bool = False
-    sync_batchnorm: bool = Field(True, description="under torchrun, batch norm over the global batch")
-    seed: int = 0
-    out_dir: str = "runs"
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: at the end of each epoch only")
-    log_every: int = Field(20, ge=1)
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _threads_not_negative(self) -> RuntimeConfig:
-        if isinstance(self.threads, int) and self.threads < 0:
-            raise ValueError("runtime.threads must be a positive count, or 0 / auto for the default")
-        return self
-
-
-class RunConfig(Strict):
-    name: str = "run"
-    task: Literal["classification", "segmentation"] = "classification"
-    data: DataConfig = DataConfig()
-    evaluation: EvalConfig = EvalConfig()
-    teacher: ModelConfig | None = None
-    student: ModelConfig
-    terms: list[TermConfig] = [TermConfig(name="ce")]
-    refiners: list[RefinerConfig] = []
-    stages: list[StageConfig] = [StageConfig(epochs=1)]
-    runtime: RuntimeConfig = RuntimeConfig()
-
-    def stage_terms(self, stage: StageConfig) -> list[TermConfig]:
-        return self.terms if stage.terms is None else stage.terms
-
-    def stage_data(self, stage: StageConfig) -> DataConfig:
-        return self.data if stage.data is None else stage.data
 
 
 # --------------------------------------------------------------------------- loading

@@ -41,8 +41,8 @@ EXPECTED_TEACHER = {"demo/teacher.yaml": ("top1", 80.0), "demo_segmentation/teac
 TEACHER_FLOOR = 0.8
 QUICK_NOTE = [
     "",
-    "`--quick` checks the whole pipeline in about a minute; its runs are too short to learn this dataset",
-    "(accuracies stay near chance). `kdkit demo` (about 12 minutes on 2 CPU cores) gives the comparison.",
+    "`--quick` only checks the whole pipeline; its runs are too short to learn this dataset (accuracies",
+    "stay near chance). `kdkit demo` gives the comparison.",
 ]
 
 

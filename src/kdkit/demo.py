@@ -103,6 +103,16 @@ def copy_teacher(out: Path, teacher_dir: Path) -> Path:
     return target
 
 
+def prepare_teacher(
+    out: Path, overrides: list[str], console: Console, teacher_preset: str, quick: bool
+) -> tuple[Path, Path, str | None]:
+    """The cached teacher (trained if needed), its copy in ``<out>/teacher`` and the check's warning
+    (none in ``--quick``, whose teacher is meant to be weak)."""
+    teacher_dir = cached_teacher(overrides, console, teacher_preset)
+    warning = None if quick else check_teacher(teacher_dir, teacher_preset, console)
+    return teacher_dir, copy_teacher(out, teacher_dir), warning
+
+
 def data_sizes(run_dir: Path) -> tuple[int | None, int | None]:
     """(train_size, test_size) of the embedded dataset a run used, from its resolved config."""
     params = load_config(run_dir / "config.yaml").data.params
@@ -121,9 +131,10 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[
     """
     console = Console()
     shared = [*(QUICK if quick else []), *overrides]
-    teacher_dir = cached_teacher([*shared, *(QUICK_TEACHER if quick else [])], console)
-    warning = None if quick else check_teacher(teacher_dir, "demo/teacher.yaml", console)
-    run_dirs = {"teacher": copy_teacher(out, teacher_dir)}
+    teacher_dir, copied, warning = prepare_teacher(
+        out, [*shared, *(QUICK_TEACHER if quick else [])], console, "demo/teacher.yaml", quick
+    )
+    run_dirs = {"teacher": copied}
     for name in STUDENTS:
         overrides = [
             *shared,
@@ -143,9 +154,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, overrides: Sequence[
     return write_demo_report(out, run_dirs, quick, warning)
 
 
-def write_demo_report(
-    out: Path, run_dirs: dict[str, Path], quick: bool, warning: str | None = None
-) -> Path:
+def write_demo_report(out: Path, run_dirs: dict[str, Path], quick: bool, warning: str | None = None) -> Path:
     rows = compare_runs(list(run_dirs.values()))
     for row, key in zip(rows, run_dirs):
         row["label"] = LABELS[key]

@@ -19,10 +19,8 @@ from rich.console import Console
 from .api import profile_model, train_from_config
 from .config import _read_yaml, load_config
 from .demo import (
-    cached_teacher,
-    check_teacher,
-    copy_teacher,
     data_sizes,
+    prepare_teacher,
     preset,
     teacher_warning,
     write_report,
@@ -93,11 +91,14 @@ def run_segmentation_demo(
     """Run the segmentation demo into ``out``; returns the path of its ``report.md``."""
     console = Console()
     shared = [*(QUICK if quick else []), *overrides]
-    teacher_dir = cached_teacher(
-        [*shared, *(QUICK_RUN["teacher"] if quick else [])], console, "demo_segmentation/teacher.yaml"
+    teacher_dir, copied, warning = prepare_teacher(
+        out,
+        [*shared, *(QUICK_RUN["teacher"] if quick else [])],
+        console,
+        "demo_segmentation/teacher.yaml",
+        quick,
     )
-    warning = None if quick else check_teacher(teacher_dir, "demo_segmentation/teacher.yaml", console)
-    run_dirs = {"teacher": copy_teacher(out, teacher_dir)}
+    run_dirs = {"teacher": copied}
     labels = {"teacher": "teacher (mini DeepLabV3)"}
     for row in ROWS:
         run_overrides = [
@@ -135,8 +136,15 @@ def _model_costs(run_dirs: dict[str, Path]) -> str:
             continue
         seen.add(name)
         cost = profile_model(run_dir / "student.safetensors")
-        rows.append([key, f"`{spec['model']}`", f"{cost['params_m']:.3f}", f"{cost['gflops']:.3f}",
-                     f"{cost['latency_ms']:.1f}"])
+        rows.append(
+            [
+                key,
+                f"`{spec['model']}`",
+                f"{cost['params_m']:.3f}",
+                f"{cost['gflops']:.3f}",
+                f"{cost['latency_ms']:.1f}",
+            ]
+        )
     return markdown_table(["run", "network", "params (M)", "GFLOPs", "latency (ms, batch 1)"], rows)
 
 

@@ -22,10 +22,8 @@ from .api import evaluate_styles, train_from_config
 from .config import _read_yaml, load_config
 from .demo import (
     _link,
-    cached_teacher,
-    check_teacher,
-    copy_teacher,
     data_sizes,
+    prepare_teacher,
     preset,
     teacher_warning,
     write_report,
@@ -79,9 +77,9 @@ def run_style_demo(
     spec = DEMOS[task]
     console = Console()
     shared = [*(spec.quick_shared if quick else ()), *overrides]
-    teacher_dir = cached_teacher([*shared, *(spec.quick_teacher if quick else ())], console, spec.teacher)
-    warning = None if quick else check_teacher(teacher_dir, spec.teacher, console)
-    copy_teacher(out, teacher_dir)
+    teacher_dir, _, warning = prepare_teacher(
+        out, [*shared, *(spec.quick_teacher if quick else ())], console, spec.teacher, quick
+    )
     run_dirs = {}
     for key, (path, label) in spec.runs.items():
         run_overrides = [

@@ -110,7 +110,8 @@ def test_style_run_writes_the_preview_and_records_the_aspect(tmp_path):
     assert 0 <= summary["best_top1"] <= 100
     assert (run / "style_preview.png").stat().st_size > 10_000
     report = (run / "report.md").read_text()
-    assert "style (fourier" in report and "aspects: time_of_day" in report and "style_preview.png" in report
+    assert "style (method fourier" in report and "aspects: time_of_day" in report
+    assert "style_preview.png" in report
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert train  # the doubled batch trained
 

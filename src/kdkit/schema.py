@@ -96,15 +96,6 @@ class TermConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class RefinerConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
@@ -123,6 +114,31 @@ class ScheduleConfig(Strict):
     power: float = 0.9
     min_factor: float = Field(0.0, ge=0, description="floor of the lr multiplier (cosine, poly)")
     warmup: float = Field(0.0, ge=0, description="linear warm-up length, same unit as the stage")
+
+
+class RefinerUpdateConfig(Strict):
+    """When a learnable refiner updates: before every ``every``-th student step of the listed epochs,
+    ``iterations`` updates on that step's batch (see :mod:`kdkit.engine.refining`)."""
+
+    epochs: list[int] | None = Field(None, description="1-based epochs of the stage; default: every epoch")
+    every: int = Field(1, ge=1, description="student steps between refiner phases")
+    iterations: int = Field(1, ge=1, description="refiner updates per phase")
+
+
+class RefinerConfig(BaseModel):
+    """A registered refiner; ``stages``, ``optimizer``, ``schedule`` and ``update`` are the engine's
+    (a learnable refiner needs an optimizer), other keys are the refiner's constructor arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    stages: list[str] | None = Field(None, description="names of the stages it runs in; default: all")
+    optimizer: OptimizerConfig | None = Field(None, description="a learnable refiner's optimizer")
+    schedule: ScheduleConfig = ScheduleConfig(name="constant")
+    update: RefinerUpdateConfig = RefinerUpdateConfig()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class StageConfig(Strict):
@@ -189,6 +205,19 @@ class RunConfig(Strict):
     refiners: list[RefinerConfig] = []
     stages: list[StageConfig] = [StageConfig(epochs=1)]
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _refiner_stages(self) -> RunConfig:
+        names = [stage.name for stage in self.stages]
+        for i, refiner in enumerate(self.refiners):
+            for name in refiner.stages or []:
+                if name not in names:
+                    raise ValueError(
+                        f"refiners[{i}] ({refiner.name}): no stage named '{name}' (stages: {names})"
+                    )
+            if refiner.update.epochs is not None and any(e < 1 for e in refiner.update.epochs):
+                raise ValueError(f"refiners[{i}] ({refiner.name}): update.epochs count from 1")
+        return self
 
     def stage_terms(self, stage: StageConfig) -> list[TermConfig]:
         return self.terms if stage.terms is None else stage.terms

@@ -27,6 +27,7 @@ from .callbacks import Callback, ProgressBar
 from .distiller import Distiller, WeightedTerm
 from .distributed import init_distributed, resolve_device, sync_batchnorm
 from .evaluate import resolve_precision
+from .refining import Refining
 from .stages import Stage
 from .tasks import build_task
 from .trainer import Trainer
@@ -98,6 +99,7 @@ def build_refiners(
         label_terms=sorted({wt.name for terms in stage_terms for wt in terms if wt.term.needs_labels}),
         ignore_index=getattr(task, "ignore_index", -100),
         seed=config.runtime.seed,
+        train_data=cache.train(config.data),
     )
     refiners = []
     for i, entry in enumerate(config.refiners):
@@ -238,9 +240,11 @@ def build_run(
         name=config.name,
         task=task,
         evaluate_teacher=config.teacher is not None and config.teacher.num_classes in (None, num_classes),
-        refiners=refiners,
+        refining=Refining(refiners, config.refiners),
     )
     sample = dry_run_batch(trainer, stages[0])
+    for refiner in refiners:
+        refiner.prepare(tuple(sample.shape[-2:]))
     shapes = distiller.setup(sample)
     if teacher is not None and trainer.evaluate_teacher:
         trainer.evaluate_teacher = predicts_classes(teacher, sample, num_classes)

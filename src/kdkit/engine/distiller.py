@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KdkitError
-from ..taps import Taps, dry_run
+from ..taps import Taps, dry_run, main_output
 from ..terms.base import StepView, Term
 
 
@@ -122,6 +122,12 @@ class Distiller(nn.Module):
             parts[wt.name] = value.detach()
             total = total + wt.weight * value
         return total, parts, student_out["logits"]
+
+    def logits(self, model: nn.Module, images: Tensor) -> Tensor:
+        """``model``'s task output with gradients to ``images`` but not to its (frozen) parameters: a
+        learnable refiner's loss (:mod:`kdkit.engine.refining`) reads teacher and student this way. The
+        caller holds the student in eval mode; the taps' buffers are refilled by the next step anyway."""
+        return main_output(model(images)).float()
 
     def trainable_term_parameters(self) -> list[nn.Parameter]:
         """Connector parameters of the active stage's terms."""

@@ -31,7 +31,7 @@ from .distributed import DistInfo, barrier
 
 
 def training_tensors(
-    modules: Iterable[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer
+    modules: Iterable[tuple[str, nn.Module]], optimizers: Iterable[torch.optim.Optimizer | None]
 ) -> list[tuple[str, torch.Tensor]]:
     """Every tensor a checkpoint holds, labelled for a user (``student buffer bn1.running_var``)."""
     tensors = []
@@ -41,11 +41,12 @@ def training_tensors(
             tensors.append((f"{role} parameter {name}", param.detach()))
             names[id(param)] = f"{role} parameter {name}"
         tensors += [(f"{role} buffer {name}", b) for name, b in module.named_buffers()]
-    for param, slots in optimizer.state.items():
-        owner = names.get(id(param), "a parameter")
-        for slot, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors.append((f"optimizer {slot} of {owner}", value))
+    for optimizer in optimizers:
+        for param, slots in (optimizer.state if optimizer is not None else {}).items():
+            owner = names.get(id(param), "a parameter")
+            for slot, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    tensors.append((f"optimizer {slot} of {owner}", value))
     return tensors
 
 
@@ -138,7 +139,8 @@ class CheckpointKeeper:
         verifies it) or ``last.pt``; refused when it holds non-finite values."""
         path = self.pending_path if self.pending_path.is_file() else self.last_path
         state = load_checkpoint(path)
-        bad = first_nonfinite(state_tensors({k: state[k] for k in ("student", "terms", "optimizer")}))
+        keys = ("student", "terms", "optimizer", "refiners")
+        bad = first_nonfinite(state_tensors({k: state[k] for k in keys if state.get(k) is not None}))
         if bad is not None:
             raise KdkitError(
                 f"checkpoint {path} holds non-finite values ({bad}) and cannot resume "

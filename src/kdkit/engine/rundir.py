@@ -21,8 +21,11 @@ import shutil
 import socket
 from pathlib import Path
 
+import torch
+
 from ..errors import KdkitError
 from .checkpoint import TMP_GLOB, peek_position
+from .distributed import DistInfo
 
 try:
     import fcntl
@@ -208,4 +211,22 @@ def claim_run_dir(run_dir: Path, resume: bool = False, overwrite: bool = False) 
     except BaseException:
         lock.release()
         raise
+    return lock
+
+
+def claim_for_run(run_dir: Path, info: DistInfo, resume: bool, overwrite: bool) -> RunLock | None:
+    """Rank 0 claims the run directory (:func:`claim_run_dir`); every process raises the same one-line
+    error if it cannot. Returns rank 0's lock (``None`` elsewhere)."""
+    lock, message = None, ""
+    if info.main:
+        try:
+            lock = claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        except KdkitError as exc:
+            message = str(exc)
+    if info.active:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise KdkitError(message)
     return lock

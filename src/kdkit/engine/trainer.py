@@ -19,7 +19,6 @@ lifetime (:mod:`kdkit.engine.rundir`).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +38,11 @@ from .distiller import Distiller
 from .distributed import DistInfo, all_mean, barrier
 from .evaluate import autocast
 from .keeper import CheckpointKeeper, training_tensors
-from .rundir import RunLock, claim_run_dir
+from .refining import FrozenModels, Refining
+from .rundir import claim_for_run
 from .schedule import lr_factor
 from .stages import Stage, build_optimizer, select_parameters
+from .summary import run_summary
 from .tasks import ClassificationTask
 
 
@@ -83,7 +84,7 @@ class Trainer:
         name: str = "run",
         task: ClassificationTask | None = None,
         evaluate_teacher: bool = True,
-        refiners: Sequence[nn.Module] = (),
+        refining: Refining | None = None,
     ) -> None:
         self.distiller = distiller
         self.stages = list(stages)
@@ -97,13 +98,13 @@ class Trainer:
         self.mean, self.std = tuple(mean), tuple(std)
         self.task = task or ClassificationTask(num_classes, mean, std)
         self.evaluate_teacher = evaluate_teacher  # False when the teacher predicts other classes
-        self.refiners = list(refiners)  # data refiners (set up by the builder), applied after augmentation
+        self.refining = refining or Refining([], [])  # data refiners, applied after augmentation
         self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.keeper = CheckpointKeeper(self.run_dir, self.info, self.device)
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # None in a stage that trains no student part
 
     # ------------------------------------------------------------------ helpers
 
@@ -136,7 +137,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _state(
-        self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer
+        self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, Any]:
         return {
             "stage": stage_index,
@@ -145,23 +146,27 @@ class Trainer:
             "epoch": step / per_epoch,
             "student": self.distiller.student.state_dict(),
             "terms": self.distiller.terms.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "refiners": self.refining.state_dict(),
             "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
         }
 
-    def _save(self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer) -> None:
+    def _save(
+        self, stage_index: int, step: int, per_epoch: int, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         """Write ``checkpoints/pending.pt`` (rank 0), promoted to ``last.pt`` by the next step's forward
         pass (:class:`~kdkit.engine.keeper.CheckpointKeeper`)."""
         state = self._state(stage_index, step, per_epoch, optimizer) if self.info.main else None
         self.keeper.save(state, position({"stage_name": self.stages[stage_index].name, "step": step}))
 
     def _modules(self) -> tuple[tuple[str, nn.Module], ...]:
-        return (("student", self.distiller.student), ("term", self.distiller.terms))
+        return (("student", self.distiller.student), ("term", self.distiller.terms), *self.refining.modules())
 
     def _restore(self) -> dict[str, Any]:
         state = self.keeper.load()
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.terms.load_state_dict(state["terms"])
+        self.refining.load_state_dict(state.get("refiners") or [])
         if self.info.main and self.metrics_path.exists():
             with self.metrics_path.open("r+b") as handle:  # drop records written after the checkpoint
                 handle.truncate(state["metrics_bytes"])
@@ -177,7 +182,7 @@ class Trainer:
         refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set
         (:func:`~kdkit.engine.rundir.claim_run_dir`).
         """
-        lock = self._claim(resume, overwrite)
+        lock = claim_for_run(self.run_dir, self.info, resume, overwrite)
         try:
             return self._fit(resume)
         except DiskFullError as exc:
@@ -185,22 +190,6 @@ class Trainer:
         finally:
             if lock is not None:
                 lock.release()
-
-    def _claim(self, resume: bool, overwrite: bool) -> RunLock | None:
-        """Rank 0 claims the run directory; every process raises the same one-line error if it cannot."""
-        lock, message = None, ""
-        if self.info.main:
-            try:
-                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
-            except KdkitError as exc:
-                message = str(exc)
-        if self.info.active:
-            box = [message]
-            torch.distributed.broadcast_object_list(box, src=0)
-            message = box[0]
-        if message:
-            raise KdkitError(message)
-        return lock
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         barrier(self.info)
@@ -254,12 +243,12 @@ class Trainer:
         stage = self.stages[index]
         seed = self.runtime.seed
         params = self._stage_parameters(index, stage)
-        optimizer = build_optimizer(stage.optimizer, params)
-        if state is not None:
+        optimizer = build_optimizer(stage.optimizer, params) if params else None
+        if state is not None and optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         self.optimizer = optimizer  # the current stage's (callbacks may read it)
         model: nn.Module = self.distiller
-        if self.info.active:
+        if self.info.active and optimizer is not None:
             model = DistributedDataParallel(self.distiller, find_unused_parameters=True)
         train = Batches(
             stage.train_data, stage.batch_size, self.info, train=True, num_workers=stage.num_workers
@@ -281,7 +270,7 @@ class Trainer:
                 position = step / per_epoch if by_epochs else float(step)
                 length = float(stage.epochs) if by_epochs else float(total)  # type: ignore[arg-type]
                 lr = stage.optimizer.lr * lr_factor(stage.schedule, position, length)
-                for group in optimizer.param_groups:
+                for group in optimizer.param_groups if optimizer is not None else ():
                     group["lr"] = lr
                 torch.manual_seed(derive_seed(seed, "global", index, epoch, step, self.info.rank))
                 images, labels = augment(
@@ -291,28 +280,27 @@ class Trainer:
                     total=stage.batch_size,
                     start=self.info.rank * train.local_batch,
                 )
-                for refiner in self.refiners:
-                    images, labels = refiner(
-                        images,
-                        labels,
-                        generator("refine", seed, index, epoch, step),
-                        total=images.shape[0] * self.info.world,
-                        start=self.info.rank * images.shape[0],
-                    )
+                self._refiner_phases(index, stage, images, labels, step, per_epoch, length)
+                images, labels = self.refining.apply(
+                    stage.name, images, labels, (seed, index, epoch, step), self.info
+                )
                 images = images.contiguous(memory_format=self.memory_format)
-                with autocast(self.device, self.runtime.precision):
-                    loss, parts, _ = model(images, labels, epoch, step / per_epoch)
-                self._check_finite(loss, parts, index, stage, step, per_epoch)
+                if optimizer is not None:
+                    with autocast(self.device, self.runtime.precision):
+                        loss, parts, _ = model(images, labels, epoch, step / per_epoch)
+                    self._check_finite(loss, parts, index, stage, step, per_epoch)
                 if self.keeper.pending is not None:
                     where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"
                     where += f" (epoch {(step + 1) / per_epoch:.2f})"
                     self.keeper.verify(self._modules(), where, index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    window.add(images.shape[0] * self.info.world, loss, parts)
                 step += 1
-                window.add(images.shape[0] * self.info.world, loss, parts)
-                if step % self.runtime.log_every == 0 or step == total or step % per_epoch == 0:
+                log_due = step % self.runtime.log_every == 0 or step == total or step % per_epoch == 0
+                if log_due and window.steps:
                     self._log_train(index, stage, step, per_epoch, lr, window)
                     window = _Window()
                 self._emit("on_step_end", stage, step)
@@ -320,13 +308,42 @@ class Trainer:
                 every = self.runtime.checkpoint_every_steps
                 if eval_due or (every and step % every == 0):
                     where = f"after step {step} of stage '{stage.name}' (epoch {step / per_epoch:.2f})"
-                    self.keeper.check(training_tensors(self._modules(), optimizer), where, index)
+                    optimizers = [optimizer, *self.refining.optimizers()]
+                    self.keeper.check(training_tensors(self._modules(), optimizers), where, index)
                     if eval_due:
                         self._evaluate(index, stage, step, per_epoch, evals)
                     self._save(index, step, per_epoch, optimizer)
                 if step >= total:
                     break
         self._emit("on_stage_end", stage)
+
+    def _refiner_phases(
+        self, index: int, stage: Stage, images: torch.Tensor, labels: Any, step: int, per_epoch: int,
+        length: float,
+    ) -> None:
+        """The refiner phases due before student step ``step + 1`` (:meth:`Refining.phases`), with the
+        distiller in eval mode; one ``refiner`` record per phase in metrics.jsonl."""
+        slots = self.refining.due(stage.name, step, per_epoch)
+        if not slots:
+            return
+        position = step / per_epoch if stage.epochs is not None else float(step)
+        self.distiller.eval()
+        try:
+            with autocast(self.device, self.runtime.precision):
+                records = self.refining.phases(
+                    slots,
+                    FrozenModels(self.distiller),
+                    images.contiguous(memory_format=self.memory_format),
+                    labels,
+                    (self.runtime.seed, index, step // per_epoch, step),
+                    (position, length),
+                    self.info,
+                )
+        finally:
+            self._train_mode()
+        where = {"stage": stage.name, "stage_index": index, "step": step, "epoch": step / per_epoch}
+        for record in records:
+            self.log({**record, **where})
 
     def _eval_due(self, stage: Stage, step: int, per_epoch: int, total: int, by_epochs: bool) -> bool:
         if step == total:
@@ -399,35 +416,8 @@ class Trainer:
         )
 
     def summary(self) -> dict[str, Any]:
-        """Best (over the last stage's evaluations) and last value of the task's metric, and the
-        teacher's: ``best_top1``/``last_top1``... for classification, ``best_miou``... for segmentation
-        (``best_miou_per_image``... when ``evaluation.metric`` makes Eq. 5 the headline). Segmentation
-        summaries also carry the last value of both mIoUs (``last_miou``: dataset; ``last_miou_per_image``:
-        Spirit Distillation Eq. 5), pixel accuracy, mIoU variance and HP-Acc."""
-        metric = self.task.metric
-        evals = [r for r in self.history if r["kind"] == "eval"]
-        teacher = [r for r in self.history if r["kind"] == "teacher_eval"]
-        if not evals:
-            return {"name": self.name, "metric": metric}
-        last = evals[-1]
-        final_stage = [r for r in evals if r["stage_index"] == last["stage_index"]]
-        best = max(final_stage, key=lambda r: r[metric])
-        out = {
-            "name": self.name,
-            "metric": metric,
-            f"last_{metric}": last[metric],
-            f"best_{metric}": best[metric],
-            "best_epoch": best["epoch"],
-            "last_epoch": last["epoch"],
-        }
-        segmentation = ("miou", "miou_per_image", "pixel_acc", "miou_var", "hp_acc")
-        extras = ("top5",) if metric == "top1" else segmentation
-        out.update({f"last_{key}": last[key] for key in extras if key in last})
-        if teacher:
-            out[f"teacher_{metric}"] = teacher[-1][metric]
-        if not math.isfinite(out[f"last_{metric}"]):
-            raise KdkitError(f"evaluation produced a non-finite {metric}")
-        return out
+        """The run's summary (:func:`~kdkit.engine.summary.run_summary`) from its records so far."""
+        return run_summary(self.name, self.task.metric, self.history)
 
 
 def _to(value: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -29,6 +30,7 @@ class RefinerContext:
     label_terms: list[str] = field(default_factory=list)
     ignore_index: int = -100
     seed: int = 0  # the run seed (runtime.seed), for a refiner's own seeded choices
+    train_data: Any = None  # the first stage's training set (uint8 images), e.g. to fit a refiner on
 
     def __post_init__(self) -> None:  # built once, not on every step
         self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
@@ -43,12 +45,41 @@ class RefinerContext:
 
 
 class DataRefiner(nn.Module):
-    """Base class of data refiners (no trainable parameters are expected to enter the student)."""
+    """Base class of data refiners (their parameters never enter the student).
+
+    A learnable refiner also defines ``loss(images, labels, generator, total, start, frozen)`` returning
+    ``(loss, parts)``: ``frozen`` (:class:`kdkit.engine.refining.FrozenModels`) gives the teacher's and
+    the student's logits with gradients to the input; the engine steps the refiner's own optimizer on
+    it, in turns with the student (:mod:`kdkit.engine.refining`). Its trainable parameters are those with
+    ``requires_grad``; fixed tensors it owns (e.g. fitted networks) are buffers or frozen parameters.
+    """
 
     def setup(self, context: RefinerContext) -> None:
         self.context = context
+
+    def prepare(self, size: tuple[int, int]) -> None:
+        """Called once before training with the size of the training batches' images (after
+        augmentation), e.g. to fit or load networks made for that size. Default: nothing."""
+
+    def describe(self) -> str | None:
+        """One line on what :meth:`prepare` made (``kdkit prepare`` prints it); ``None``: nothing."""
+        return None
+
+    def log_state(self) -> dict[str, float]:
+        """Scalars recorded with each refiner update (e.g. learned magnitudes), for the report's plots."""
+        return {}
 
     def forward(
         self, images: Tensor, labels: Tensor, generator: torch.Generator, total: int, start: int
     ) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def fit_to_size(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """A uint8 ``[3, H, W]`` image centre-cropped to ``size`` (resized when smaller)."""
+    height, width = image.shape[-2:]
+    if height >= size[0] and width >= size[1]:
+        top, left = (height - size[0]) // 2, (width - size[1]) // 2
+        return image[:, top : top + size[0], left : left + size[1]]
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].round().clamp(0, 255).byte()

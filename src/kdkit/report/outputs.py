@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +12,10 @@ from ..deploy.export import ModelSpec, export_student
 from ..engine.callbacks import Callback
 from ..engine.checkpoint import atomic_write_text
 from ..engine.tasks import METRIC_LABELS
+from ..refiners.base import fit_to_size
 from .histogram import plot_miou_histogram
 from .plots import plot_accuracy, plot_losses
+from .refiner_plots import plot_refiner_state, write_refined_grid
 from .runreport import write_run_report
 from .style_preview import write_style_preview
 
@@ -34,7 +37,7 @@ class RunOutputs(Callback):
         if not trainer.info.main:
             return
         atomic_write_text(trainer.run_dir / "config.yaml", self.config_yaml)
-        styles = [r for r in trainer.refiners if hasattr(r, "styled")]
+        styles = [s.refiner for s in trainer.refining.slots if hasattr(s.refiner, "styled")]
         if styles:
             data = trainer.stages[0].train_data
             images = torch.stack([data[i][0] for i in range(min(4, len(data)))])
@@ -54,6 +57,7 @@ class RunOutputs(Callback):
         ]
         if (run_dir / PREVIEW).is_file():
             plots.append(run_dir / PREVIEW)
+        plots += self._refiner_plots(trainer)
         evals = [r for r in trainer.history if r["kind"] == "eval"]
         if evals and "image_miou" in evals[-1]:
             threshold = trainer.task.evaluation.hp_threshold
@@ -62,3 +66,18 @@ class RunOutputs(Callback):
         write_run_report(
             trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None], role=role
         )
+
+    @staticmethod
+    def _refiner_plots(trainer) -> list[Path | None]:
+        """Each learnable refiner's logged parameters over its updates, and a grid of x and x_hat."""
+        plots: list[Path | None] = []
+        data = trainer.stages[0].train_data
+        for slot in trainer.refining.learning():
+            name = slot.config.name
+            plots.append(plot_refiner_state(trainer.history, name, trainer.run_dir / f"refiner_{name}.png"))
+            if hasattr(slot.refiner, "augment"):
+                size = slot.refiner.size or tuple(data[0][0].shape[-2:])
+                images = torch.stack([fit_to_size(data[i][0], size) for i in range(min(8, len(data)))])
+                grid = trainer.run_dir / f"refined_{name}.png"
+                plots.append(write_refined_grid(slot.refiner, images, grid))
+        return plots

@@ -40,12 +40,27 @@ def _describe_terms(config: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+ENGINE_KEYS = ("name", "stages", "optimizer", "schedule", "update")
+
+
 def _describe_refiner(refiner: dict[str, Any]) -> str:
-    """``style (fourier, alpha 1.0; aspects: weather)``: the refiner and what its sources change."""
-    details = [str(refiner[k]) for k in ("method",) if k in refiner]
-    details += [f"{k} {refiner[k]}" for k in ("alpha", "prompt") if k in refiner]
+    """``style (method fourier, alpha 1.0; aspects: weather)`` or ``tst (num_ops 4, ...; learns with
+    adamw lr 0.01, every 8 steps x 1)``: the refiner's arguments, and how a learnable one updates."""
+    details = [
+        f"{k} {', '.join(str(d.get('name', d)) for d in v) if k == 'sources' else v}"
+        for k, v in refiner.items()
+        if k not in ENGINE_KEYS and k != "aspects"
+    ]
     aspects = f"; aspects: {', '.join(refiner['aspects'])}" if refiner.get("aspects") else ""
-    return f"{refiner['name']} ({', '.join(details)}{aspects})"
+    learns = ""
+    if refiner.get("optimizer"):
+        update = refiner.get("update") or {}
+        epochs = f" in epochs {update['epochs']}" if update.get("epochs") else ""
+        learns = (
+            f"; learns with {refiner['optimizer']['name']} lr {refiner['optimizer']['lr']}, "
+            f"{update.get('iterations', 1)} update(s) every {update.get('every', 1)} step(s){epochs}"
+        )
+    return f"{refiner['name']} ({', '.join(details)}{aspects}{learns})"
 
 
 def describe_augment(augment: dict[str, Any], task: str = "classification") -> str:

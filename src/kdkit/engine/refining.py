@@ -1,0 +1,217 @@
+"""Learnable refiners: their optimizers, their update schedule, and their turns with the student.
+
+The contract (README, "Architecture"): a refiner (:class:`~kdkit.refiners.base.DataRefiner`) that owns
+trainable parameters implements ``loss(images, labels, generator, total, start, frozen)``. The config
+gives it an ``optimizer`` (and ``schedule``) and an ``update`` schedule; the trainer then alternates:
+
+- a **refiner phase** runs before the student step at every ``update.every``-th step of the listed
+  ``update.epochs`` (1-based epochs of the stage; default: all): ``update.iterations`` updates, each on the
+  step's augmented batch with its own random draws. During it the student and its terms are frozen (eval
+  mode, so batch-norm statistics do not move; gradients go only to the refiner's parameters through the
+  frozen teacher and student: ``loss.backward(inputs=refiner parameters)``); under torchrun the refiner's
+  gradients are averaged over processes before its optimizer steps.
+- the **student step** then sees the refined batch (refiner applied under ``no_grad``; its parameters do
+  not change), exactly like a stateless refiner's.
+
+A refiner runs in the stages its ``stages`` entry names (default: every stage). Its parameters, optimizer
+state and update count are part of the checkpoint, so ``--resume`` continues a refiner phase exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RefinerConfig
+from ..errors import KdkitError
+from .batches import generator
+from .distributed import DistInfo, all_mean
+from .schedule import lr_factor
+from .stages import build_optimizer
+
+
+@dataclass
+class FrozenModels:
+    """Teacher and student as a refiner's loss sees them: parameters frozen, eval mode, gradients
+    flowing to the input. ``teacher(x)`` / ``student(x)`` return logits, ``[B, C]`` or ``[B, C, H, W]``."""
+
+    distiller: Any
+
+    def teacher(self, images: Tensor) -> Tensor:
+        if self.distiller.teacher is None:
+            raise KdkitError("this refiner's loss needs a teacher, but the config has none (set 'teacher:')")
+        return self.distiller.logits(self.distiller.teacher, images)
+
+    def student(self, images: Tensor) -> Tensor:
+        return self.distiller.logits(self.distiller.student, images)
+
+
+@dataclass
+class RefinerSlot:
+    """One configured refiner: the module, its config entry, and (if it learns) its optimizer."""
+
+    refiner: nn.Module
+    config: RefinerConfig
+    optimizer: torch.optim.Optimizer | None = None
+    updates: int = 0  # refiner updates done in the run
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    def runs_in(self, stage: str) -> bool:
+        return self.config.stages is None or stage in self.config.stages
+
+    def due(self, stage: str, step: int, per_epoch: int) -> bool:
+        """Whether a refiner phase runs before student step ``step + 1`` (``step`` 0-based in the stage)."""
+        if self.optimizer is None or not self.runs_in(stage):
+            return False
+        update = self.config.update
+        epoch = step // per_epoch + 1
+        if update.epochs is not None and epoch not in update.epochs:
+            return False
+        return step % update.every == 0
+
+
+class Refining:
+    """The run's refiners in config order, with what learnable ones need to learn."""
+
+    def __init__(self, refiners: Sequence[nn.Module], configs: Sequence[RefinerConfig]) -> None:
+        self.slots = []
+        for i, (refiner, config) in enumerate(zip(refiners, configs)):
+            params = [p for p in refiner.parameters() if p.requires_grad]
+            learns = hasattr(refiner, "loss") and bool(params)
+            if config.optimizer is not None and not learns:
+                raise KdkitError(
+                    f"refiners[{i}] ({config.name}) has an optimizer but nothing to learn "
+                    "(no trainable parameters or no loss); remove its 'optimizer:'"
+                )
+            if learns and config.optimizer is None:
+                raise KdkitError(
+                    f"refiners[{i}] ({config.name}) learns but has no optimizer; "
+                    "add e.g. 'optimizer: {name: adamw, lr: 0.001}' to its entry"
+                )
+            optimizer = build_optimizer(config.optimizer, params) if learns else None
+            self.slots.append(RefinerSlot(refiner, config, optimizer, params=params))
+
+    def learning(self) -> list[RefinerSlot]:
+        return [s for s in self.slots if s.optimizer is not None]
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """The learnable refiners (checked for finite values and checkpointed; stateless ones are not)."""
+        return [(f"refiner {s.config.name}", s.refiner) for s in self.learning()]
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [s.optimizer for s in self.learning() if s.optimizer is not None]
+
+    def apply(
+        self, stage: str, images: Tensor, labels: Any, seed_parts: tuple, info: DistInfo
+    ) -> tuple[Tensor, Any]:
+        """The batch the student step sees: each refiner of this stage in turn, without gradients."""
+        with torch.no_grad():
+            for slot in self.slots:
+                if slot.runs_in(stage):
+                    images, labels = slot.refiner(
+                        images,
+                        labels,
+                        generator("refine", *seed_parts),
+                        total=images.shape[0] * info.world,
+                        start=info.rank * images.shape[0],
+                    )
+        return images, labels
+
+    def due(self, stage: str, step: int, per_epoch: int) -> list[RefinerSlot]:
+        """The learnable refiners whose phase runs before student step ``step + 1`` of ``stage``."""
+        return [s for s in self.learning() if s.due(stage, step, per_epoch)]
+
+    def phases(
+        self,
+        slots: list[RefinerSlot],
+        frozen: FrozenModels,
+        images: Tensor,
+        labels: Any,
+        seed_parts: tuple,
+        schedule: tuple[float, float],
+        info: DistInfo,
+    ) -> list[dict[str, Any]]:
+        """One phase per slot (the caller holds the networks in eval mode); ``schedule`` is the position
+        and length in the stage's unit for the refiners' lr schedules. One record per phase: losses, lr,
+        update count and the refiner's :meth:`log_state`."""
+        records = []
+        for slot in slots:
+            lr = self.lr(slot, *schedule)
+            means = self.update(slot, images, labels, frozen, seed_parts, lr, info)
+            record = {"kind": "refiner", "refiner": slot.config.name, "updates": slot.updates, "lr": lr}
+            records.append({**record, **means, **slot.refiner.log_state()})
+        return records
+
+    def update(
+        self,
+        slot: RefinerSlot,
+        images: Tensor,
+        labels: Any,
+        frozen: FrozenModels,
+        seed_parts: tuple,
+        lr: float,
+        info: DistInfo,
+    ) -> dict[str, float]:
+        """``update.iterations`` refiner updates on one batch; the mean of its loss parts, for the log."""
+        assert slot.optimizer is not None
+        for group in slot.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, Tensor] = {}
+        for it in range(slot.config.update.iterations):
+            loss, parts = slot.refiner.loss(
+                images,
+                labels,
+                generator("refine-update", *seed_parts, it),
+                total=images.shape[0] * info.world,
+                start=info.rank * images.shape[0],
+                frozen=frozen,
+            )
+            if not bool(torch.isfinite(loss.detach()).item()):
+                raise KdkitError(
+                    f"refiner '{slot.config.name}': non-finite loss {float(loss):.4g} in update "
+                    f"{slot.updates + 1}; lower its optimizer.lr"
+                )
+            slot.optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=slot.params)
+            if info.active:  # average the refiner's gradients over processes (it is not DDP-wrapped)
+                for param in slot.params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= info.world
+            slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)  # no refiner gradient outlives its update
+            slot.updates += 1
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        n = slot.config.update.iterations
+        return {key: all_mean(value / n, info).item() for key, value in sums.items()}
+
+    def lr(self, slot: RefinerSlot, position: float, length: float) -> float:
+        assert slot.config.optimizer is not None
+        return slot.config.optimizer.lr * lr_factor(slot.config.schedule, position, length)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Parameters, buffers, optimizer state and update count of each learnable refiner."""
+        return [
+            {"module": s.refiner.state_dict(), "optimizer": s.optimizer.state_dict(), "updates": s.updates}
+            for s in self.learning()
+            if s.optimizer is not None
+        ]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        slots = self.learning()
+        if len(states) != len(slots):
+            raise KdkitError(
+                f"the checkpoint holds {len(states)} learnable refiner(s), the config {len(slots)}; "
+                "resume with the run's own config.yaml"
+            )
+        for slot, state in zip(slots, states):
+            assert slot.optimizer is not None
+            slot.refiner.load_state_dict(state["module"])
+            slot.optimizer.load_state_dict(state["optimizer"])
+            slot.updates = state["updates"]

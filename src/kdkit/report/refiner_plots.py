@@ -1,0 +1,66 @@
+"""Plots of learnable refiners: the scalars each refiner logs with its updates over the run (for TST:
+every primitive's magnitude and probability, the paper's Fig. 2), and a grid of x and the refined x_hat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .style_preview import _show  # noqa: E402
+
+
+def plot_refiner_state(history: list[dict[str, Any]], name: str, path: Path) -> Path | None:
+    """One panel per prefix of the refiner's logged scalars (``m/...``, ``p/...``) against its update
+    count; ``None`` when the refiner logged none."""
+    records = [r for r in history if r["kind"] == "refiner" and r["refiner"] == name]
+    keys = sorted({k for r in records for k in r if "/" in k})
+    if not keys:
+        return None
+    panels = sorted({k.split("/")[0] for k in keys})
+    titles = {"m": "magnitude sigmoid(theta_m)", "p": "probability sigmoid(theta_p)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), dpi=110, squeeze=False)
+    updates = [r["updates"] for r in records]
+    for axis, panel in zip(axes[0], panels):
+        for key in (k for k in keys if k.startswith(panel + "/")):
+            axis.plot(updates, [r.get(key, float("nan")) for r in records], label=key.split("/", 1)[1])
+        axis.set_xlabel(f"{name} updates")
+        axis.set_ylabel(titles.get(panel, panel))
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"refiner '{name}': learned parameters over its updates", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def write_refined_grid(refiner: Any, images: torch.Tensor, path: Path, rows: int = 3) -> Path:
+    """Training images x (uint8 ``[n,3,H,W]``, top row) and ``rows`` draws of x_hat made by
+    ``refiner.augment`` with its final parameters (one row per draw, seeded 0, 1, ...)."""
+    device = refiner.context.device
+    unit = images.to(device).float().div(255)
+    count = unit.shape[0]
+    fig, axes = plt.subplots(rows + 1, count, figsize=(1.5 * count, 1.6 * (rows + 1)), dpi=110, squeeze=False)
+    for col in range(count):
+        _show(axes[0][col], unit[col], "x")
+    masks = None  # segmentation composes the ops (the masks themselves are not shown)
+    if refiner.context.task == "segmentation":
+        masks = torch.zeros((count, *unit.shape[-2:]), dtype=torch.long, device=device)
+    for row in range(rows):
+        generator = torch.Generator().manual_seed(row)
+        refined, _ = refiner.augment(unit, masks, generator, count, 0)
+        for col in range(count):
+            _show(axes[row + 1][col], refined[col], f"x_hat (draw {row + 1})")
+    fig.suptitle("refined samples x_hat with the learned magnitudes and probabilities", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -274,6 +274,21 @@ def _dry_input(config: RunConfig) -> tuple[Any, tuple[int, int]]:
     return shape, size
 
 
+def prepare_config(path: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+    """Build a run without training, so that what it prepares is ready and cached before training: its
+    datasets (generated ones are written to the cache) and each refiner's own preparation (TST's stage I
+    meta-encoders, fitted for the run's image size). Returns one line per refiner that prepared something."""
+    from .engine.build import build_run
+
+    built = build_run(load_config(path, overrides), callbacks=[])
+    lines = []
+    for slot in built.trainer.refining.slots:
+        described = slot.refiner.describe()
+        if described:
+            lines.append(f"{slot.config.name}: {described}")
+    return lines
+
+
 def inspect_config(path: str | Path, overrides: Sequence[str] = (), dry: bool = False) -> dict[str, Any]:
     """Build a run without training: tap shapes, connectors, parameter counts, module shapes.
 

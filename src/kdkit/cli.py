@@ -226,6 +226,18 @@ def inspect(
     console.print(table)
 
 
+@app.command()
+@user_errors
+def prepare(config: Annotated[Path, typer.Argument(help="YAML config")], set_: SetOption = None):
+    """Build a run without training: generate its data and fit what its refiners need (TST's stage I
+    meta-encoders, cached per image size), so that `kdkit train` starts at once."""
+    from .api import prepare_config
+
+    lines = prepare_config(config, set_ or [])
+    for line in lines or ["nothing to prepare beyond the data (no refiner needs it)"]:
+        console.print(line, highlight=False, markup=False)
+
+
 @app.command("profile")
 @user_errors
 def profile_cmd(

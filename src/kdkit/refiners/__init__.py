@@ -4,5 +4,6 @@ in :data:`kdkit.registry.REFINERS`."""
 
 from .base import DataRefiner, RefinerContext
 from .style import StyleRefiner
+from .tst import TSTRefiner
 
-__all__ = ["DataRefiner", "RefinerContext", "StyleRefiner"]
+__all__ = ["DataRefiner", "RefinerContext", "StyleRefiner", "TSTRefiner"]

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "src" / "kdkit" / "configs" / "cifar100"
 DOCS = REPO / "docs" / "presets.md"
 
-METHODS = ("kd", "dkd", "fitnet", "at")
+METHODS = ("kd", "dkd", "fitnet", "at", "tst")
 SMALL_STUDENTS = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}  # trained with lr 0.01 in CRD/DKD
 # (name, weight, constructor arguments) of each method's terms: the CRD / DKD code-base settings.
 METHOD_TERMS = {
@@ -35,6 +35,7 @@ METHOD_TERMS = {
     ],
     "fitnet": [("ce", 1.0, {}), ("fitnet", 100.0, {})],
     "at": [("ce", 1.0, {}), ("at", 1000.0, {"p": 2})],
+    "tst": [("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4})],
     "teachers": [("ce", 1.0, {})],
     "baseline": [("ce", 1.0, {})],
 }
@@ -115,7 +116,14 @@ def test_preset_validates_with_literature_schedule(path: Path, fake_weights: Pat
 
     terms = [(t.name, t.weight, t.params) for t in config.terms]
     assert terms == METHOD_TERMS[kind]
-    assert config.refiners == []
+    if kind == "tst":  # Eq. 2 and 4 settings, one search update every 8 student steps (Table 6)
+        (refiner,) = config.refiners
+        assert refiner.name == "tst" and refiner.params == {
+            "num_ops": 4, "temperature": 0.05, "alpha": 1.0, "beta": 1.0
+        }
+        assert (refiner.update.every, refiner.update.iterations, refiner.update.epochs) == (8, 1, None)
+    else:
+        assert config.refiners == []
 
     if kind == "teachers":
         assert config.teacher is None and config.name == path.stem == config.student.name
@@ -181,3 +189,14 @@ def test_docs_name_only_zoo_models():
     text = DOCS.read_text()
     assert "data/cifar/cifar-100-python" in text and "--set data.root=" in text
     assert yaml.safe_load((PRESETS / "base.yaml").read_text())["data"]["root"] == "data/cifar"
+
+
+def test_imagenet_tst_preset_follows_dist_schedule(fake_weights: Path):
+    """TST Table 2 (ResNet-34 -> ResNet-18) on DIST's ImageNet schedule."""
+    path = REPO / "src" / "kdkit" / "configs" / "imagenet" / "tst_resnet34_resnet18.yaml"
+    config = load_config(path, [f"teacher.weights={fake_weights}"])
+    assert (config.teacher.name, config.student.name) == ("torchvision:resnet34", "torchvision:resnet18")
+    (stage,) = config.stages
+    assert (stage.epochs, stage.optimizer.lr, stage.optimizer.weight_decay) == (100, 0.1, 1e-4)
+    assert stage.schedule.milestones == [30, 60, 90] and config.data.batch_size == 256
+    assert [r.name for r in config.refiners] == ["tst"]

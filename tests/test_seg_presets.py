@@ -72,6 +72,20 @@ def test_spirit_presets_follow_algorithm_1(folder, weights):
     assert esd.stages[1:] == sd.stages[1:]
 
 
+def test_tst_table_4_preset(weights):
+    config = load(CONFIGS / "cityscapes" / "pspnet_resnet18" / "tst.yaml", weights)
+    assert (config.teacher.name, config.student.name) == ("pspnet_resnet101", "pspnet_resnet18")
+    assert [(t.name, t.weight, t.params) for t in config.terms] == [
+        ("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4.0})
+    ]
+    (refiner,) = config.refiners
+    assert refiner.name == "tst" and refiner.params["num_ops"] == 4 and refiner.update.every == 8
+    teacher_run = load(CONFIGS / "cityscapes" / "teacher_pspnet_resnet101.yaml", weights)
+    raw = _read_yaml(CONFIGS / "cityscapes" / "pspnet_resnet18" / "tst.yaml")
+    assert Path(raw["teacher"]["weights"]) == Path(teacher_run.runtime.out_dir) / teacher_run.name / (
+        "student.safetensors")  # fmt: skip
+
+
 def test_cityscapes_64_is_the_first_64_aachen_images_road_vs_background(weights):
     config = load(CONFIGS / "cityscapes" / "spirit" / "sd.yaml", weights)
     assert config.data.params["cities"] == ["aachen"] and config.data.params["limit"] == 64

@@ -168,3 +168,24 @@ def test_kdkit_prepare_and_list_refiners(tmp_path):
     assert "nothing to prepare beyond the data" in result.output  # primitives without magnitude: no fit
     listed = CliRunner().invoke(app, ["list", "refiners"])
     assert "tst" in listed.output and "style" in listed.output
+
+
+def test_terms_see_the_dataset_indices_of_the_batch_also_after_a_refiner(tmp_path, one_thread):
+    """StepView.indices name each sample of the step (CRD's memory bank needs them): the labels of
+    ``dataset[indices]`` are the step's labels, for [x; x_hat] too (the indices repeat)."""
+    built = build_run(tst_config(tmp_path, refiner=tst_entry()))
+    term = built.trainer.distiller.stage_terms[0][0].term
+    seen, forward = [], term.forward
+
+    def record(view):
+        seen.append((view.indices.clone(), view.labels.clone()))
+        return forward(view)
+
+    term.forward = record
+    built.trainer.fit()
+    data = built.trainer.stages[0].train_data
+    assert len(seen) == 12  # 2 epochs x 6 steps
+    for indices, labels in seen:
+        assert indices.shape == (64,) and torch.equal(indices[:32], indices[32:])
+        assert torch.equal(data.labels[indices], labels)
+    assert len({i for idx, _ in seen[:6] for i in idx[:32].tolist()}) == 192  # one epoch: every sample once

@@ -94,18 +94,27 @@ class Batches:
         ]
 
     def epoch(
-        self, epoch_seed: tuple[object, ...] = (), start_step: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's batches of one epoch. A training dataset with ``for_epoch(epoch_seed)``
+        self, epoch_seed: tuple[object, ...] = (), start_step: int = 0, indices: bool = False
+    ) -> Iterator[tuple[Any, ...]]:
+        """This process's batches of one epoch, ``(images, labels)``, or ``(images, labels, idx)`` with
+        ``indices`` (the samples' dataset indices). A training dataset with ``for_epoch(epoch_seed)``
         (e.g. :class:`~kdkit.data.mixing.MixedDataset`) is told the epoch first, so it may redraw
         its content from the same seed."""
+        batches = self._batches(epoch_seed, start_step)
+        if not indices:
+            for images, labels, _ in batches:
+                yield images, labels
+            return
+        yield from batches
+
+    def _batches(self, epoch_seed: tuple[object, ...], start_step: int) -> Iterator[tuple[Any, ...]]:
         if self.train and hasattr(self.dataset, "for_epoch"):
             self.dataset.for_epoch(epoch_seed)
         index_lists = self._index_lists(epoch_seed, start_step)
         if getattr(self.dataset, "in_memory", False):
             images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
             for idx in index_lists:
-                yield images[idx], labels[idx]
+                yield images[idx], labels[idx], idx
             return
         loader = DataLoader(
             self.dataset,
@@ -114,4 +123,5 @@ class Batches:
             collate_fn=_collate,
             persistent_workers=False,
         )
-        yield from loader
+        for idx, (images, labels) in zip(index_lists, loader):
+            yield images, labels, idx

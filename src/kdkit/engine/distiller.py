@@ -104,8 +104,16 @@ class Distiller(nn.Module):
     def active_terms(self) -> list[WeightedTerm]:
         return self.stage_terms[self.stage]
 
-    def forward(self, images: Tensor, labels: Tensor | None, epoch: int = 0, epoch_progress: float = 0.0):
-        """Weighted total loss, the per-term (unweighted) values, and the student's logits."""
+    def forward(
+        self,
+        images: Tensor,
+        labels: Tensor | None,
+        epoch: int = 0,
+        epoch_progress: float = 0.0,
+        indices: Tensor | None = None,
+    ):
+        """Weighted total loss, the per-term (unweighted) values, and the student's logits;
+        ``indices`` are the samples' dataset indices (for terms with per-sample memories)."""
         if self._student_taps is None:
             raise RuntimeError("call Distiller.setup(sample) before the first forward pass")
         terms = self.active_terms()
@@ -114,7 +122,7 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 teacher_out = {k: v.float() for k, v in self._teacher_taps(images).items()}
         student_out = {k: v.float() for k, v in self._student_taps(images).items()}
-        view = StepView(student_out, teacher_out, labels, epoch, epoch_progress)
+        view = StepView(student_out, teacher_out, labels, epoch, epoch_progress, indices)
         parts: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
         for wt in terms:

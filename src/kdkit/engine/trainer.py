@@ -266,7 +266,7 @@ class Trainer:
         window = _Window()
         while step < total:
             epoch, offset = divmod(step, per_epoch)
-            for images, labels in train.epoch((seed, index, epoch), offset):
+            for images, labels, indices in train.epoch((seed, index, epoch), offset, indices=True):
                 position = step / per_epoch if by_epochs else float(step)
                 length = float(stage.epochs) if by_epochs else float(total)  # type: ignore[arg-type]
                 lr = stage.optimizer.lr * lr_factor(stage.schedule, position, length)
@@ -286,8 +286,9 @@ class Trainer:
                 )
                 images = images.contiguous(memory_format=self.memory_format)
                 if optimizer is not None:
+                    indices = _repeat_indices(indices.to(self.device), images.shape[0])
                     with autocast(self.device, self.runtime.precision):
-                        loss, parts, _ = model(images, labels, epoch, step / per_epoch)
+                        loss, parts, _ = model(images, labels, epoch, step / per_epoch, indices)
                     self._check_finite(loss, parts, index, stage, step, per_epoch)
                 if self.keeper.pending is not None:
                     where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"
@@ -418,6 +419,16 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The run's summary (:func:`~kdkit.engine.summary.run_summary`) from its records so far."""
         return run_summary(self.name, self.task.metric, self.history)
+
+
+def _repeat_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """The dataset indices of a refined batch: a data refiner that appends copies ([x; x'], TST's
+    [x; x_hat]) keeps the order, so the indices repeat."""
+    if count % indices.numel():
+        raise KdkitError(
+            f"a refiner made a batch of {count} from {indices.numel()} images; expected a multiple"
+        )
+    return indices.repeat(count // indices.numel())
 
 
 def _to(value: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:

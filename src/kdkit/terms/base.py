@@ -28,7 +28,10 @@ class StepView:
     student; for the teacher when it has a task head). ``epoch`` counts from 0 within the
     stage and ``epoch_progress`` is the fractional epoch ``step / steps_per_epoch`` (epoch +
     fraction done; passes over the stage's training data, also in a step-based stage), which
-    warm-ups use: 0.0 at the first step of a stage.
+    warm-ups use: 0.0 at the first step of a stage. ``indices`` are the dataset indices of the
+    batch's samples on this process (repeated for the copies a data refiner appends, e.g. TST's
+    ``[x; x_hat]``), for terms that keep a memory per sample (CRD's memory bank); ``None`` outside
+    training.
     """
 
     student: dict[str, Tensor]
@@ -36,6 +39,7 @@ class StepView:
     labels: Tensor | None = None
     epoch: int = 0
     epoch_progress: float = 0.0
+    indices: Tensor | None = None
 
     @property
     def student_logits(self) -> Tensor:

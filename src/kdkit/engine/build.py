@@ -243,6 +243,9 @@ def build_run(
         refining=Refining(refiners, config.refiners),
     )
     sample = dry_run_batch(trainer, stages[0])
+    for stage in stages:
+        for wt in stage.terms:
+            wt.term.bind_data(len(stage.train_data))
     for refiner in refiners:
         refiner.prepare(tuple(sample.shape[-2:]))
     shapes = distiller.setup(sample)

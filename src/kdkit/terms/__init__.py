@@ -5,6 +5,7 @@ inputs from a :class:`StepView`; the constructor's keyword arguments are the ter
 """
 
 from .base import LOGITS, StepView, Term
+from .contrastive import CRD, nce_loss
 from .features import (
     AT,
     RKD,
@@ -48,6 +49,7 @@ from .segmentation import (
 __all__ = [
     "AT",
     "CE",
+    "CRD",
     "CWD",
     "DIST",
     "DKD",
@@ -73,6 +75,7 @@ __all__ = [
     "i2ckd_loss",
     "i2ckd_prototypes",
     "kd_loss",
+    "nce_loss",
     "kl_divergence",
     "pairwise_differences",
     "pearson_correlation",

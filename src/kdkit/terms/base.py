@@ -82,5 +82,9 @@ class Term(nn.Module):
     def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         """Build connectors from the dry run's shapes. Default: nothing to build."""
 
+    def bind_data(self, num_samples: int) -> None:
+        """Called once with the size of the stage's training set (terms with a memory per sample, such
+        as CRD's banks, allocate it here; they read ``StepView.indices``). Default: nothing."""
+
     def forward(self, view: StepView) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

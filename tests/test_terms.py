@@ -546,10 +546,13 @@ def test_every_registered_term_trains_on_real_taps(name):
     s_shapes = dry_run(student, x[:2], term.student_taps(), "student")
     t_shapes = dry_run(teacher, x[:2], term.teacher_taps(), "teacher")
     term.bind(s_shapes, t_shapes)
+    term.bind_data(10)  # a training set of 10 samples; the batch holds samples 2..7
     s_taps, t_taps = Taps(student, term.student_taps()), Taps(teacher, term.teacher_taps())
     with torch.no_grad():
         t_out = t_taps(x) if term.needs_teacher else {}
-    view = StepView(student=s_taps(x), teacher=t_out, labels=y, epoch=5, epoch_progress=5.5)
+    view = StepView(
+        student=s_taps(x), teacher=t_out, labels=y, epoch=5, epoch_progress=5.5, indices=torch.arange(2, 8)
+    )
     loss = term(view)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()

@@ -36,6 +36,7 @@ from .logits import (
     pearson_correlation,
     standardize_logits,
 )
+from .review import ReviewKD, hcl_loss
 from .segmentation import (
     CWD,
     I2CKD,
@@ -59,6 +60,7 @@ __all__ = [
     "KDLS",
     "LOGITS",
     "RKD",
+    "ReviewKD",
     "SP",
     "FitNet",
     "Spirit",
@@ -75,6 +77,7 @@ __all__ = [
     "i2ckd_loss",
     "i2ckd_prototypes",
     "kd_loss",
+    "hcl_loss",
     "nce_loss",
     "kl_divergence",
     "pairwise_differences",

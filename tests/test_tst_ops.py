@@ -269,3 +269,16 @@ def test_load_or_fit_refits_over_a_corrupt_cache(images, tmp_path, monkeypatch):
 def test_load_or_fit_rejects_wrong_size(images):
     with pytest.raises(KdkitError, match="size 16x16 got images of size 32x32"):
         load_or_fit((16, 16), images[:8], steps=1)
+
+
+def test_affine_encoders_start_at_the_exact_line_on_non_square_images():
+    """The least-squares warm start makes shears and translations exact at any aspect ratio (it was the
+    image-MSE fit alone that stalled on 64x128 road scenes)."""
+    from kdkit.refiners.tst_encoders import make_encoder, warm_start_affine
+    from kdkit.refiners.tst_ops import affine_matrix
+
+    m = torch.linspace(-1, 1, 7)
+    for name in ("ShearY", "TranslateX"):
+        encoder = make_encoder(name)
+        warm_start_affine(encoder, name, (16, 32))
+        torch.testing.assert_close(encoder.matrix(m), affine_matrix(name, m, (16, 32)), atol=1e-5, rtol=0)

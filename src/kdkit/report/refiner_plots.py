@@ -27,8 +27,11 @@ def plot_refiner_state(history: list[dict[str, Any]], name: str, path: Path) -> 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), dpi=110, squeeze=False)
     updates = [r["updates"] for r in records]
     for axis, panel in zip(axes[0], panels):
-        for key in (k for k in keys if k.startswith(panel + "/")):
-            axis.plot(updates, [r.get(key, float("nan")) for r in records], label=key.split("/", 1)[1])
+        names = [k for k in keys if k.startswith(panel + "/")]
+        colours = plt.cm.tab20(range(len(names)))  # 14 primitives: tab10 would repeat its colours
+        for key, colour in zip(names, colours):
+            values = [r.get(key, float("nan")) for r in records]
+            axis.plot(updates, values, label=key.split("/", 1)[1], color=colour)
         axis.set_xlabel(f"{name} updates")
         axis.set_ylabel(titles.get(panel, panel))
         axis.set_ylim(-0.02, 1.02)

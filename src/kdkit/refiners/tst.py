@@ -46,11 +46,10 @@ from ..registry import REFINERS, did_you_mean
 from .base import DataRefiner, RefinerContext, fit_to_size
 from .tst_ops import (
     AFFINE_OPS,
-    CUTOUT_FILL,
-    CUTOUT_FRACTION,
     MAGNITUDE_OPS,
     PRIMITIVES,
     SIGNED_OPS,
+    cutout,
     hand_op,
     warp,
 )
@@ -64,17 +63,6 @@ def relaxed_bernoulli(theta: Tensor, noise: Tensor, temperature: float) -> Tenso
 def logistic(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
     return torch.log(u) - torch.log1p(-u)
-
-
-def cutout(images: Tensor, centres: Tensor, side: int, fill: float) -> Tensor:
-    """A ``side`` x ``side`` square of ``fill`` at each image's centre (``centres``: [B, 2] in pixels)."""
-    height, width = images.shape[-2:]
-    ys = torch.arange(height, device=images.device).view(1, -1, 1)
-    xs = torch.arange(width, device=images.device).view(1, 1, -1)
-    cy, cx = centres[:, 0].view(-1, 1, 1), centres[:, 1].view(-1, 1, 1)
-    half = side // 2
-    inside = (ys >= cy - half) & (ys < cy - half + side) & (xs >= cx - half) & (xs < cx - half + side)
-    return torch.where(inside.unsqueeze(1), torch.full_like(images, fill), images)
 
 
 def anti_ce(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -213,9 +201,8 @@ class TSTRefiner(DataRefiner):
                     m = m * draws["sign"][:, slot]
                 changed = self.encoders[name](source, m)
             elif name == "Cutout":
-                side = max(1, round(CUTOUT_FRACTION * min(height, width)))
                 centres = draws["centre"] * torch.tensor([height, width], device=device)
-                changed = cutout(source, centres.long(), side, CUTOUT_FILL)
+                changed = cutout(source, centres.long())
             else:
                 changed = hand_op(name, source, None)
             if compose and name in AFFINE_OPS:

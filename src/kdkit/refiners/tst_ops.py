@@ -111,18 +111,25 @@ def _one(name: str, img: Tensor, m: float) -> Tensor:
     raise AssertionError(name)
 
 
-def _cutout(images: Tensor, generator: torch.Generator | None) -> Tensor:
-    b, _, h, w = images.shape
-    side = int(round(CUTOUT_FRACTION * min(h, w)))
-    cy = torch.randint(0, h, (b,), generator=generator).to(images.device)
-    cx = torch.randint(0, w, (b,), generator=generator).to(images.device)
-    top, left = cy - side // 2, cx - side // 2
+def cutout(images: Tensor, centres: Tensor) -> Tensor:
+    """A ``CUTOUT_FILL`` square of side ``CUTOUT_FRACTION * min(H, W)`` centred at each image's
+    ``centres[i] = (row, column)`` (integer pixels), clipped at the borders."""
+    _, _, h, w = images.shape
+    side = max(1, int(round(CUTOUT_FRACTION * min(h, w))))
+    top, left = centres[:, 0] - side // 2, centres[:, 1] - side // 2
     rows = torch.arange(h, device=images.device)
     cols = torch.arange(w, device=images.device)
     in_rows = (rows[None] >= top[:, None]) & (rows[None] < (top + side)[:, None])  # [B, H]
     in_cols = (cols[None] >= left[:, None]) & (cols[None] < (left + side)[:, None])  # [B, W]
     mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [B, 1, H, W]
     return torch.where(mask, torch.full_like(images, CUTOUT_FILL), images)
+
+
+def _cutout(images: Tensor, generator: torch.Generator | None) -> Tensor:
+    b, _, h, w = images.shape
+    cy = torch.randint(0, h, (b,), generator=generator)
+    cx = torch.randint(0, w, (b,), generator=generator)
+    return cutout(images, torch.stack([cy, cx], dim=1).to(images.device))
 
 
 @torch.no_grad()

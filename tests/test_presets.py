@@ -24,7 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "src" / "kdkit" / "configs" / "cifar100"
 DOCS = REPO / "docs" / "presets.md"
 
-METHODS = ("kd", "dkd", "fitnet", "at", "tst")
+SOKD = ("fitnet_sokd", "at_sokd", "crd_sokd", "reviewkd_sokd")
+METHODS = ("kd", "dkd", "fitnet", "at", "tst", "crd", "reviewkd", *SOKD)
+# ReviewKD's weight per pair: the authors' CIFAR-100 script where it lists the pair, else 1 (its default)
+REVIEWKD_WEIGHTS = {
+    "resnet56_resnet20": 0.6,
+    "resnet32x4_resnet8x4": 5.0,
+    "wrn_40_2_wrn_16_2": 5.0,
+    "wrn_40_2_wrn_40_1": 5.0,
+    "resnet32x4_shufflenetv2": 8.0,
+}
 SMALL_STUDENTS = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}  # trained with lr 0.01 in CRD/DKD
 # (name, weight, constructor arguments) of each method's terms: the CRD / DKD code-base settings.
 METHOD_TERMS = {
@@ -36,6 +45,12 @@ METHOD_TERMS = {
     "fitnet": [("ce", 1.0, {}), ("fitnet", 100.0, {})],
     "at": [("ce", 1.0, {}), ("at", 1000.0, {"p": 2})],
     "tst": [("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4})],
+    "crd": [("ce", 1.0, {}), ("crd", 0.8, {})],
+    "reviewkd": [("ce", 1.0, {}), ("reviewkd", "pair", {})],
+    "fitnet_sokd": [("ce", 1.0, {}), ("dam", 100.0, {})],
+    "at_sokd": [("ce", 1.0, {}), ("at", 1000.0, {"p": 2}), ("dam", 1.0, {})],
+    "crd_sokd": [("ce", 1.0, {}), ("crd", 0.8, {}), ("dam", 1.0, {})],
+    "reviewkd_sokd": [("ce", 1.0, {}), ("reviewkd", "pair", {}), ("dam", 1.0, {})],
     "teachers": [("ce", 1.0, {})],
     "baseline": [("ce", 1.0, {})],
 }
@@ -115,8 +130,14 @@ def test_preset_validates_with_literature_schedule(path: Path, fake_weights: Pat
     assert sched.warmup == 0.0
 
     terms = [(t.name, t.weight, t.params) for t in config.terms]
-    assert terms == METHOD_TERMS[kind]
-    if kind == "tst":  # Eq. 2 and 4 settings, one search update every 8 student steps (Table 6)
+    review = REVIEWKD_WEIGHTS.get(path.stem, 1.0)
+    assert terms == [(n, review if w == "pair" else w, a) for n, w, a in METHOD_TERMS[kind]]
+    if kind.endswith("_sokd"):  # DAFA searches in 20 of 240 epochs (SoKD Table 6), every step
+        (refiner,) = config.refiners
+        assert refiner.name == "dafa" and refiner.params == {}
+        update = refiner.update
+        assert (update.every, update.iterations, update.epochs) == (1, 1, list(range(1, 21)))
+    elif kind == "tst":  # Eq. 2 and 4 settings, one search update every 8 student steps (Table 6)
         (refiner,) = config.refiners
         assert refiner.name == "tst" and refiner.params == {
             "num_ops": 4, "temperature": 0.05, "alpha": 1.0, "beta": 1.0
@@ -154,7 +175,7 @@ def test_lr001_parents_differ_only_in_lr():
     for method in (*METHODS, "baseline"):
         plain = _read_yaml(PRESETS / method / "method.yaml")
         lr001 = _read_yaml(PRESETS / method / "method_lr001.yaml")
-        assert lr001["terms"] == plain["terms"], method
+        assert lr001["terms"] == plain["terms"] and lr001.get("refiners") == plain.get("refiners"), method
 
 
 def test_feature_terms_find_their_taps(fake_weights: Path):
@@ -200,3 +221,45 @@ def test_imagenet_tst_preset_follows_dist_schedule(fake_weights: Path):
     assert (stage.epochs, stage.optimizer.lr, stage.optimizer.weight_decay) == (100, 0.1, 1e-4)
     assert stage.schedule.milestones == [30, 60, 90] and config.data.batch_size == 256
     assert [r.name for r in config.refiners] == ["tst"]
+
+
+def test_sokd_preset_binds_dam_and_dafa_on_zoo_models(fake_weights: Path):
+    """ReviewKD + SoKD, resnet32x4 -> resnet8x4: `dam` on the middle stage; `dafa` refines every teacher
+    level that ReviewKD or DAM maps the student onto (the three stage outputs, not the embedding)."""
+    from kdkit.registry import REFINERS
+
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet8x4", num_classes=100), build_model("resnet32x4", num_classes=100)
+    config = load(PRESETS / "reviewkd_sokd" / "resnet32x4_resnet8x4.yaml", fake_weights)
+    terms = [TERMS.build(t.name, **t.params) for t in config.terms]
+    for term in terms:
+        term.resolve_taps(student, teacher)
+    sample = torch.randn(2, 3, 32, 32)
+    s_shapes = dry_run(student, sample, sorted({k for t in terms for k in t.student_taps()}), "student")
+    t_shapes = dry_run(teacher, sample, sorted({k for t in terms for k in t.teacher_taps()}), "teacher")
+    for term in terms:
+        term.bind(s_shapes, t_shapes)
+    dam = terms[2]
+    assert (dam.student_tap, dam.teacher_tap) == ("layer2", "layer2")
+    (entry,) = config.refiners
+    refiner = REFINERS.build(entry.name, **entry.params)
+    refiner.bind(t_shapes, sorted({k for t in terms for k in t.teacher_space_taps()}))
+    assert refiner.taps == ["layer1", "layer2", "layer3"]
+
+
+IMAGENET_SOKD = sorted((REPO / "src" / "kdkit" / "configs" / "imagenet" / "sokd").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in IMAGENET_SOKD if p.stem != "base"], ids=lambda p: p.stem)
+def test_imagenet_sokd_presets_follow_the_paper_schedule(path: Path, fake_weights: Path):
+    """SoKD Table 3 (ResNet-34 -> ResNet-18): batch 512, lr 0.1, 100 epochs, lr / 10 at 30, 60, 90."""
+    config = load_config(path, [f"teacher.weights={fake_weights}"])
+    assert (config.teacher.name, config.student.name) == ("torchvision:resnet34", "torchvision:resnet18")
+    (stage,) = config.stages
+    assert (stage.epochs, stage.optimizer.lr, config.data.batch_size) == (100, 0.1, 512)
+    assert stage.schedule.milestones == [30, 60, 90]
+    names = [t.name for t in config.terms]
+    assert names[0] == "ce" and names[1] == path.stem.removesuffix("_sokd")
+    sokd = path.stem.endswith("_sokd")
+    assert ("dam" in names) == sokd and [r.name for r in config.refiners] == (["dafa"] if sokd else [])
+    assert config.name == f"{path.stem}_resnet34_resnet18"

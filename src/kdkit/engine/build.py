@@ -249,6 +249,7 @@ def build_run(
     for refiner in refiners:
         refiner.prepare(tuple(sample.shape[-2:]))
     shapes = distiller.setup(sample)
+    trainer.refining.bind_features(distiller, shapes.get("teacher", {}), [s.name for s in config.stages])
     if teacher is not None and trainer.evaluate_teacher:
         trainer.evaluate_teacher = predicts_classes(teacher, sample, num_classes)
     distiller.to(device)  # connectors built by setup

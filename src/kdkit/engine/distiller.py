@@ -1,14 +1,15 @@
 """The distiller: a student, a frozen teacher, and weighted terms, run as one module.
 
 One forward pass (DESIGN.md's step): the teacher runs under ``torch.no_grad`` in eval mode with its
-taps, the student runs with its taps, and each active term reads a :class:`~kdkit.terms.base.StepView`
-and returns a scalar; the total is the weighted sum. Terms (and the connectors they own) live here,
+taps, feature refiners (if any) transform the teacher's taps, the student runs with its taps, and each
+active term reads a :class:`~kdkit.terms.base.StepView` and returns a scalar; the total is the weighted
+sum. Terms (and the connectors they own) live here,
 so their parameters train and checkpoint with the student but never enter the exported student.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +112,11 @@ class Distiller(nn.Module):
         epoch: int = 0,
         epoch_progress: float = 0.0,
         indices: Tensor | None = None,
+        refine: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     ):
         """Weighted total loss, the per-term (unweighted) values, and the student's logits;
-        ``indices`` are the samples' dataset indices (for terms with per-sample memories)."""
+        ``indices`` are the samples' dataset indices (for terms with per-sample memories); ``refine``
+        maps the teacher's taps to what the terms read (the run's feature refiners, without gradients)."""
         if self._student_taps is None:
             raise RuntimeError("call Distiller.setup(sample) before the first forward pass")
         terms = self.active_terms()
@@ -121,6 +124,8 @@ class Distiller(nn.Module):
         if self._teacher_taps is not None and any(wt.term.needs_teacher for wt in terms):
             with torch.no_grad():
                 teacher_out = {k: v.float() for k, v in self._teacher_taps(images).items()}
+                if refine is not None:
+                    teacher_out = refine(teacher_out)
         student_out = {k: v.float() for k, v in self._student_taps(images).items()}
         view = StepView(student_out, teacher_out, labels, epoch, epoch_progress, indices)
         parts: dict[str, Tensor] = {}
@@ -130,6 +135,28 @@ class Distiller(nn.Module):
             parts[wt.name] = value.detach()
             total = total + wt.weight * value
         return total, parts, student_out["logits"]
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> StepView:
+        """The student's and teacher's taps on ``images`` without gradients (a feature refiner's loss
+        reads them; the caller holds the networks in eval mode)."""
+        teacher = {k: v.float() for k, v in self._teacher_taps(images).items()} if self._teacher_taps else {}
+        student = {k: v.float() for k, v in self._student_taps(images).items()}  # type: ignore[misc]
+        return StepView(student, teacher)
+
+    @torch.no_grad()
+    def teacher_space(self, view: StepView) -> dict[str, list[Tensor]]:
+        """Every active term's :meth:`~kdkit.terms.base.Term.teacher_space` targets, by teacher tap."""
+        targets: dict[str, list[Tensor]] = {}
+        for wt in self.active_terms():
+            for key, value in wt.term.teacher_space(view).items():
+                targets.setdefault(key, []).append(value.float())
+        return targets
+
+    def teacher_space_taps(self, stages: Sequence[int] | None = None) -> list[str]:
+        """The teacher taps some term of ``stages`` (default: all) gives teacher-space targets for."""
+        chosen = range(len(self.stage_terms)) if stages is None else stages
+        return sorted({k for i in chosen for wt in self.stage_terms[i] for k in wt.term.teacher_space_taps()})
 
     def logits(self, model: nn.Module, images: Tensor) -> Tensor:
         """``model``'s task output with gradients to ``images`` but not to its (frozen) parameters: a

@@ -1,7 +1,9 @@
-"""Learnable refiners: their optimizers, their update schedule, and their turns with the student.
+"""Refiners in the run: data refiners on the batch, feature refiners on the teacher's taps, and the turns
+learnable ones take with the student.
 
-The contract (README, "Architecture"): a refiner (:class:`~kdkit.refiners.base.DataRefiner`) that owns
-trainable parameters implements ``loss(images, labels, generator, total, start, frozen)``. The config
+The contract (README, "Architecture"): a refiner (:class:`~kdkit.refiners.base.DataRefiner` or
+:class:`~kdkit.refiners.base.FeatureRefiner`) that owns trainable parameters implements
+``loss(images, labels, generator, total, start, frozen)``. The config
 gives it an ``optimizer`` (and ``schedule``) and an ``update`` schedule; the trainer then alternates:
 
 - a **refiner phase** runs before the student step at every ``update.every``-th step of the listed
@@ -11,7 +13,9 @@ gives it an ``optimizer`` (and ``schedule``) and an ``update`` schedule; the tra
   frozen teacher and student: ``loss.backward(inputs=refiner parameters)``); under torchrun the refiner's
   gradients are averaged over processes before its optimizer steps.
 - the **student step** then sees the refined batch (refiner applied under ``no_grad``; its parameters do
-  not change), exactly like a stateless refiner's.
+  not change), exactly like a stateless refiner's; a feature refiner is applied inside the step to the
+  teacher's taps (:meth:`Refining.feature_refine`), with draws seeded by (seed, stage, epoch, step) and
+  made for the global batch, of which each process takes its slice (so the rank selects the draws).
 
 A refiner runs in the stages its ``stages`` entry names (default: every stage). Its parameters, optimizer
 state and update count are part of the checkpoint, so ``--resume`` continues a refiner phase exactly.
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 
 from ..config import RefinerConfig
 from ..errors import KdkitError
+from ..refiners.base import FeatureRefiner
 from .batches import generator
 from .distributed import DistInfo, all_mean
 from .schedule import lr_factor
@@ -48,6 +53,15 @@ class FrozenModels:
 
     def student(self, images: Tensor) -> Tensor:
         return self.distiller.logits(self.distiller.student, images)
+
+    def features(self, images: Tensor):
+        """Both networks' taps on ``images`` as a :class:`~kdkit.terms.base.StepView`, without gradients."""
+        return self.distiller.features(images)
+
+    def teacher_space(self, view) -> dict[str, list[Tensor]]:
+        """The active terms' student features mapped into the teacher's space, by teacher tap (no
+        gradients): what a feature refiner's consistency loss compares the refined taps with."""
+        return self.distiller.teacher_space(view)
 
 
 @dataclass
@@ -111,7 +125,7 @@ class Refining:
         """The batch the student step sees: each refiner of this stage in turn, without gradients."""
         with torch.no_grad():
             for slot in self.slots:
-                if slot.runs_in(stage):
+                if slot.runs_in(stage) and not isinstance(slot.refiner, FeatureRefiner):
                     images, labels = slot.refiner(
                         images,
                         labels,
@@ -120,6 +134,37 @@ class Refining:
                         start=info.rank * images.shape[0],
                     )
         return images, labels
+
+    def bind_features(self, distiller: Any, teacher_shapes: dict[str, torch.Size], stages: list[str]) -> None:
+        """Bind each feature refiner to the teacher taps the terms of its stages read and map onto."""
+        for i, slot in enumerate(self.slots):
+            if not isinstance(slot.refiner, FeatureRefiner):
+                continue
+            if distiller.teacher is None:
+                raise KdkitError(
+                    f"refiners[{i}] ({slot.config.name}) refines the teacher's features, but the config has "
+                    "no teacher (set 'teacher:')"
+                )
+            mine = [j for j, name in enumerate(stages) if slot.runs_in(name)]
+            slot.refiner.bind(teacher_shapes, distiller.teacher_space_taps(mine))
+
+    def feature_refine(self, stage: str, seed_parts: tuple, info: DistInfo):
+        """The function the distiller applies to the teacher's taps in a student step of ``stage``
+        (``None`` when no feature refiner runs in it): draws depend on ``seed_parts``, and are made for
+        the global batch, this process taking its slice."""
+        slots = [(i, s) for i, s in enumerate(self.slots) if isinstance(s.refiner, FeatureRefiner)]
+        slots = [(i, s) for i, s in slots if s.runs_in(stage)]
+        if not slots:
+            return None
+
+        def refine(features: dict[str, Tensor]) -> dict[str, Tensor]:
+            batch = next(iter(features.values())).shape[0]
+            for i, slot in slots:
+                draws = generator("refine-features", *seed_parts, i)
+                features = slot.refiner(features, draws, batch * info.world, info.rank * batch)
+            return features
+
+        return refine
 
     def due(self, stage: str, step: int, per_epoch: int) -> list[RefinerSlot]:
         """The learnable refiners whose phase runs before student step ``step + 1`` of ``stage``."""

@@ -287,8 +287,9 @@ class Trainer:
                 images = images.contiguous(memory_format=self.memory_format)
                 if optimizer is not None:
                     indices = _repeat_indices(indices.to(self.device), images.shape[0])
+                    refine = self.refining.feature_refine(stage.name, (seed, index, epoch, step), self.info)
                     with autocast(self.device, self.runtime.precision):
-                        loss, parts, _ = model(images, labels, epoch, step / per_epoch, indices)
+                        loss, parts, _ = model(images, labels, epoch, step / per_epoch, indices, refine)
                     self._check_finite(loss, parts, index, stage, step, per_epoch)
                 if self.keeper.pending is not None:
                     where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"

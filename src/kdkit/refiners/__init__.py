@@ -2,8 +2,9 @@
 augmentation); feature refiners change tapped teacher features. Importing this package registers them
 in :data:`kdkit.registry.REFINERS`."""
 
-from .base import DataRefiner, RefinerContext
+from .base import DataRefiner, FeatureRefiner, RefinerContext
+from .dafa import DAFARefiner
 from .style import StyleRefiner
 from .tst import TSTRefiner
 
-__all__ = ["DataRefiner", "RefinerContext", "StyleRefiner", "TSTRefiner"]
+__all__ = ["DAFARefiner", "DataRefiner", "FeatureRefiner", "RefinerContext", "StyleRefiner", "TSTRefiner"]

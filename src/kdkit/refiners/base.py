@@ -1,9 +1,13 @@
-"""The data-refiner contract: a module that turns a training batch into the batch teacher and student see.
+"""The refiner contracts: data refiners change the training batch teacher and student see, feature
+refiners change the teacher's tapped features before the terms read them.
 
-The trainer calls :meth:`DataRefiner.setup` once with a :class:`RefinerContext`, then, every step after
-augmentation, ``refiner(images, labels, generator, total, start)`` on this process's slice
-``[start, start + B)`` of a global batch of ``total`` samples (random choices are drawn for the whole
-global batch and sliced, as the augmentation does, so N processes refine exactly as one would).
+The trainer calls :meth:`Refiner.setup` once with a :class:`RefinerContext`. A :class:`DataRefiner` is then
+called every step after augmentation, ``refiner(images, labels, generator, total, start)``, on this
+process's slice ``[start, start + B)`` of a global batch of ``total`` samples (random choices are drawn for
+the whole global batch and sliced, as the augmentation does, so N processes refine exactly as one would).
+A :class:`FeatureRefiner` is bound once to the teacher's tap shapes and then called inside the distiller's
+step, ``refiner(features, generator, total, start)``, with the same slicing convention.
+Both may learn (:mod:`kdkit.engine.refining`).
 """
 
 from __future__ import annotations
@@ -44,14 +48,15 @@ class RefinerContext:
         return (images - self._mean.to(images.device)) / self._std.to(images.device)
 
 
-class DataRefiner(nn.Module):
-    """Base class of data refiners (their parameters never enter the student).
+class Refiner(nn.Module):
+    """What data and feature refiners share (their parameters never enter the student).
 
     A learnable refiner also defines ``loss(images, labels, generator, total, start, frozen)`` returning
     ``(loss, parts)``: ``frozen`` (:class:`kdkit.engine.refining.FrozenModels`) gives the teacher's and
-    the student's logits with gradients to the input; the engine steps the refiner's own optimizer on
-    it, in turns with the student (:mod:`kdkit.engine.refining`). Its trainable parameters are those with
-    ``requires_grad``; fixed tensors it owns (e.g. fitted networks) are buffers or frozen parameters.
+    the student's logits with gradients to the input, and their tapped features; the engine steps the
+    refiner's own optimizer on it, in turns with the student (:mod:`kdkit.engine.refining`). Its trainable
+    parameters are those with ``requires_grad``; fixed tensors it owns (e.g. fitted networks) are buffers
+    or frozen parameters.
     """
 
     def setup(self, context: RefinerContext) -> None:
@@ -69,10 +74,37 @@ class DataRefiner(nn.Module):
         """Scalars recorded with each refiner update (e.g. learned magnitudes), for the report's plots."""
         return {}
 
+    def report(self) -> list[str]:
+        """Markdown lines for the run's report at the end of training (e.g. a searched policy)."""
+        return []
+
+
+class DataRefiner(Refiner):
+    """Base class of data refiners: ``forward(images, labels, generator, total, start)`` returns the
+    refined ``(images, labels)`` (it may append copies, as TST's ``[x; x_hat]``)."""
+
     def forward(
         self, images: Tensor, labels: Tensor, generator: torch.Generator, total: int, start: int
     ) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class FeatureRefiner(Refiner):
+    """Base class of feature refiners: ``forward(features, generator, total, start)`` returns the
+    teacher's tap dict with the taps it refines replaced (shapes unchanged); random draws are made for
+    the global batch of ``total`` and sliced at ``start``. :meth:`bind` is called once after the dry run."""
+
+    taps: list[str]
+
+    def bind(self, teacher_shapes: dict[str, torch.Size], targets: list[str]) -> None:
+        """Choose and check the taps to refine. ``teacher_shapes``: every teacher tap the terms read;
+        ``targets``: those a term maps the student onto (:meth:`kdkit.terms.base.Term.teacher_space`)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(
+        self, features: dict[str, Tensor], generator: torch.Generator, total: int, start: int
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
 
 
 def fit_to_size(image: Tensor, size: tuple[int, int]) -> Tensor:

@@ -13,6 +13,7 @@ from ..engine.callbacks import Callback
 from ..engine.checkpoint import atomic_write_text
 from ..engine.tasks import METRIC_LABELS
 from ..refiners.base import fit_to_size
+from .dam_plots import plot_dam
 from .histogram import plot_miou_histogram
 from .plots import plot_accuracy, plot_losses
 from .refiner_plots import plot_refiner_state, write_refined_grid
@@ -58,14 +59,36 @@ class RunOutputs(Callback):
         if (run_dir / PREVIEW).is_file():
             plots.append(run_dir / PREVIEW)
         plots += self._refiner_plots(trainer)
+        plots += self._dam_plots(trainer)
         evals = [r for r in trainer.history if r["kind"] == "eval"]
         if evals and "image_miou" in evals[-1]:
             threshold = trainer.task.evaluation.hp_threshold
             series = {f"{role} (last evaluation)": evals[-1]["image_miou"]}
             plots.append(plot_miou_histogram(series, run_dir / "image_miou.png", threshold))
-        write_run_report(
-            trainer.run_dir, summary, trainer.history, [p for p in plots if p is not None], role=role
-        )
+        notes = [line for slot in trainer.refining.slots for line in slot.refiner.report()]
+        plots = [p for p in plots if p is not None]
+        write_run_report(trainer.run_dir, summary, trainer.history, plots, role=role, notes=notes)
+
+    @staticmethod
+    def _dam_plots(trainer) -> list[Path]:
+        """SoKD's DAM: the heatmap and the selected areas of each ``dam`` term on 8 training images, with
+        the final networks and the teacher's feature as the teacher gives it (no refiner draws)."""
+        terms = [t for t in trainer.distiller.terms.values() if hasattr(t, "detect")]
+        if not terms:
+            return []
+        data = trainer.stages[0].train_data
+        images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
+        trainer.distiller.eval()
+        try:
+            view = trainer.distiller.features(trainer.prepare_eval(images))
+            paths = []
+            for term in terms:
+                score, boxes, _ = term.detect(view.student[term.student_tap], view.teacher[term.teacher_tap])
+                path = trainer.run_dir / f"dam_{term.teacher_tap.replace(':', '_')}.png"
+                paths.append(plot_dam(images, score, boxes, tuple(score.shape[-2:]), path))
+        finally:
+            trainer._train_mode()
+        return paths
 
     @staticmethod
     def _refiner_plots(trainer) -> list[Path | None]:

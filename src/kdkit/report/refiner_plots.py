@@ -14,27 +14,41 @@ import torch  # noqa: E402
 
 from .style_preview import _show  # noqa: E402
 
+LABELLED = 16  # a panel with more series names only this many (the highest at the end)
+
 
 def plot_refiner_state(history: list[dict[str, Any]], name: str, path: Path) -> Path | None:
-    """One panel per prefix of the refiner's logged scalars (``m/...``, ``p/...``) against its update
-    count; ``None`` when the refiner logged none."""
+    """One panel per prefix of the refiner's logged scalars (``m/...``, ``p/...``, ``w/...``) against its
+    update count; ``None`` when the refiner logged none."""
     records = [r for r in history if r["kind"] == "refiner" and r["refiner"] == name]
     keys = sorted({k for r in records for k in r if "/" in k})
     if not keys:
         return None
     panels = sorted({k.split("/")[0] for k in keys})
-    titles = {"m": "magnitude sigmoid(theta_m)", "p": "probability sigmoid(theta_p)"}
+    titles = {
+        "m": "magnitude sigmoid(theta_m)",
+        "p": "probability sigmoid(theta_p)",
+        "w": "sub-policy weight softmax(alpha)",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), dpi=110, squeeze=False)
     updates = [r["updates"] for r in records]
     for axis, panel in zip(axes[0], panels):
         names = [k for k in keys if k.startswith(panel + "/")]
+        series = {k: [r.get(k, float("nan")) for r in records] for k in names}
+        if len(names) > LABELLED:  # many series (DAFA's sub-policies): the top ones by last value, named
+            names = sorted(names, key=lambda k: series[k][-1], reverse=True)
+            for key in names[LABELLED:]:
+                axis.plot(updates, series[key], color="0.75", linewidth=0.6)
+            names = names[:LABELLED]
         colours = plt.cm.tab20(range(len(names)))  # 14 primitives: tab10 would repeat its colours
         for key, colour in zip(names, colours):
-            values = [r.get(key, float("nan")) for r in records]
-            axis.plot(updates, values, label=key.split("/", 1)[1], color=colour)
+            axis.plot(updates, series[key], label=key.split("/", 1)[1], color=colour)
+        if len(series) > len(names):
+            axis.plot([], [], color="0.75", linewidth=0.6, label=f"{len(series) - len(names)} others")
         axis.set_xlabel(f"{name} updates")
         axis.set_ylabel(titles.get(panel, panel))
-        axis.set_ylim(-0.02, 1.02)
+        if panel in ("m", "p"):
+            axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, ncol=2)
     fig.suptitle(f"refiner '{name}': learned parameters over its updates", fontsize=10)

@@ -60,7 +60,8 @@ def _describe_refiner(refiner: dict[str, Any]) -> str:
             f"; learns with {refiner['optimizer']['name']} lr {refiner['optimizer']['lr']}, "
             f"{update.get('iterations', 1)} update(s) every {update.get('every', 1)} step(s){epochs}"
         )
-    return f"{refiner['name']} ({', '.join(details)}{aspects}{learns})"
+    inner = f"{', '.join(details)}{aspects}{learns}".removeprefix("; ")
+    return f"{refiner['name']} ({inner})" if inner else refiner["name"]
 
 
 def describe_augment(augment: dict[str, Any], task: str = "classification") -> str:
@@ -108,10 +109,12 @@ def write_run_report(
     history: list[dict[str, Any]],
     plots: list[Path],
     role: str | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """``report.md`` of a run. Every link in it is relative to ``run_dir`` (the plots sit beside it),
     so a copied run directory keeps a working report. ``role`` labels the trained network (default:
-    :func:`network_role` of the saved config)."""
+    :func:`network_role` of the saved config); ``notes`` (markdown lines, e.g. a searched refiner
+    policy) go under the results table."""
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     )
@@ -152,6 +155,7 @@ def write_run_report(
         "",
         markdown_table(header, rows),
         "",
+        *([*notes, ""] if notes else []),
         *[f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})" for p in plots],
         "",
         "Files: `config.yaml` (resolved config), `metrics.jsonl`, `checkpoints/last.pt`, "

@@ -6,6 +6,7 @@ inputs from a :class:`StepView`; the constructor's keyword arguments are the ter
 
 from .base import LOGITS, StepView, Term
 from .contrastive import CRD, nce_loss
+from .dam import DAM
 from .features import (
     AT,
     RKD,
@@ -52,6 +53,7 @@ __all__ = [
     "CE",
     "CRD",
     "CWD",
+    "DAM",
     "DIST",
     "DKD",
     "DKDLS",

@@ -86,5 +86,15 @@ class Term(nn.Module):
         """Called once with the size of the stage's training set (terms with a memory per sample, such
         as CRD's banks, allocate it here; they read ``StepView.indices``). Default: nothing."""
 
+    def teacher_space_taps(self) -> list[str]:
+        """The teacher taps :meth:`teacher_space` gives targets for (known after :meth:`bind`)."""
+        return []
+
+    def teacher_space(self, view: StepView) -> dict[str, Tensor]:
+        """The student's features mapped into the teacher's space, by teacher tap key (FitNet's connector
+        output, SoKD's adapter Phi_s, ReviewKD's fused levels): the targets a feature refiner's
+        consistency loss pulls the refined teacher features towards (SoKD Eq. 14). Default: none."""
+        return {}
+
     def forward(self, view: StepView) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -271,6 +271,12 @@ class FitNet(_SingleTapTerm):
             teacher = grid_tokens(teacher)
         return fitnet_loss(self.connector(view.student[self.student_tap]), teacher)
 
+    def teacher_space_taps(self) -> list[str]:
+        return [] if self.teacher_grid_only else [self.teacher_tap]
+
+    def teacher_space(self, view: StepView) -> dict[str, Tensor]:
+        return {k: self.connector(view.student[self.student_tap]) for k in self.teacher_space_taps()}
+
 
 @TERMS.register("at", "Zagoruyko & Komodakis 2017: attention transfer between stage outputs")
 class AT(_MultiTapTerm):

@@ -185,6 +185,7 @@ class ReviewKD(_MultiTapTerm):
         self.warmup_epochs = warmup_epochs
         self.abfs = nn.ModuleList()
         self.out_sizes: list[tuple[int, int]] = []
+        self.teacher_dims: list[int] = []
 
     def _default_count(self, n_student: int, n_teacher: int) -> int:
         return min(n_student, n_teacher)
@@ -233,6 +234,7 @@ class ReviewKD(_MultiTapTerm):
             for i, (s, t) in enumerate(zip(s_levels, t_levels, strict=True))
         )
         self.out_sizes = [(t[1], t[2]) for t in t_levels]
+        self.teacher_dims = [len(teacher_shapes[k]) for k in self.teacher_keys]
 
     def warmup_factor(self, epoch_progress: float) -> float:
         """``min(floor(epoch_progress) / warmup_epochs, 1)``: the 0-based epoch over the warm-up."""
@@ -240,10 +242,22 @@ class ReviewKD(_MultiTapTerm):
             return 1.0
         return min(math.floor(epoch_progress) / self.warmup_epochs, 1.0)
 
-    def forward(self, view: StepView) -> Tensor:
+    def _outputs(self, view: StepView) -> list[Tensor]:
         if len(self.abfs) != len(self.student_taps()):
             raise KdkitError("term 'reviewkd' has no ABF modules yet: call bind() with the dry run's shapes")
         student = [_level_map(view.student[k]) for k in self.student_keys]
+        return review_features(list(self.abfs), student, self.out_sizes)
+
+    def forward(self, view: StepView) -> Tensor:
+        outputs = self._outputs(view)
         teacher = [_level_map(view.teacher[k]) for k in self.teacher_keys]
-        outputs = review_features(list(self.abfs), student, self.out_sizes)
-        return self.warmup_factor(view.epoch_progress) * hcl_loss(outputs, teacher, self.pool_sizes)
+        loss = hcl_loss(outputs, teacher, self.pool_sizes)
+        return self.warmup_factor(view.epoch_progress) * loss
+
+    def teacher_space_taps(self) -> list[str]:
+        """The teacher levels that are feature maps (the fused student level has their shape)."""
+        return [k for k, d in zip(self.teacher_keys, self.teacher_dims, strict=True) if d == 4]
+
+    def teacher_space(self, view: StepView) -> dict[str, Tensor]:
+        keys = set(self.teacher_space_taps())
+        return {k: out for k, out in zip(self.teacher_keys, self._outputs(view), strict=True) if k in keys}

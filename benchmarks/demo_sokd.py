@@ -1,0 +1,128 @@
+"""SoKD (Shen et al. 2024) as a plug-in on the embedded classification demo, over 3 seeds, with the same
+student budget (12 epochs of the demo's ResNet-8 from its cached ResNet-20 teacher):
+FitNet, FitNet + SoKD, CRD, ReviewKD, ReviewKD + SoKD (`configs/demo/<method>.yaml`). Finished runs are
+reused, so several processes can share the work (``--methods`` / ``--seeds``) and a last call with
+everything finished only writes the table.
+
+The extra cost of SoKD is the ratio of wall times of one-epoch runs of each SoKD preset and its base
+method, alternated in this process (median of ``--repeats``) so that both see the same load: once in a
+search epoch (DAFA updates before every student step) and once after the search (the policy only
+sampled: ``update.epochs`` moved past the one-epoch run).
+Writes benchmarks/results/demo_sokd.md.
+Run:  python benchmarks/demo_sokd.py [--seeds 0 1 2] [--methods fitnet ...] [--no-cost]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from _results import RESULTS, write_table
+from rich.console import Console
+
+from kdkit.api import train_from_config
+from kdkit.config import load_config
+from kdkit.demo import prepare_teacher, preset
+from kdkit.report.compare import compare_runs, comparison_table
+
+METHODS = {  # run name: (preset, label)
+    "fitnet": ("demo/fitnet.yaml", "FitNet"),
+    "fitnet_sokd": ("demo/fitnet_sokd.yaml", "FitNet + SoKD"),
+    "crd": ("demo/crd.yaml", "CRD"),
+    "reviewkd": ("demo/reviewkd.yaml", "ReviewKD"),
+    "reviewkd_sokd": ("demo/reviewkd_sokd.yaml", "ReviewKD + SoKD"),
+}
+PAIRS = [("fitnet", "fitnet_sokd"), ("reviewkd", "reviewkd_sokd")]  # (base, SoKD)
+
+
+def train(config_path: Path, run_dir: Path, overrides: list[str]) -> float:
+    """Train unless finished (resuming a stopped run); the wall time (0 when reused)."""
+    if (run_dir / "summary.json").is_file():
+        return 0.0
+    start = time.perf_counter()
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    config = load_config(run_dir / "config.yaml") if resume else load_config(config_path, overrides)
+    train_from_config(config, run_dir=run_dir, overwrite=not resume, resume=resume)
+    return time.perf_counter() - start
+
+
+def cost(
+    base: str, sokd: str, teacher: list[str], runs: Path, repeats: int, search: bool
+) -> tuple[float, list]:
+    """Median wall time of a one-epoch SoKD run over a one-epoch run of its base, alternated."""
+    times: dict[str, list[float]] = {base: [], sokd: []}
+    one_epoch = [*teacher, "stages.0.epochs=1", "runtime.progress=false"]
+    for r in range(repeats):
+        for name in (base, sokd):
+            extra = [] if search or name == base else ["refiners.0.update.epochs=[2]"]
+            run = runs / f"cost-{name}-{'search' if search else 'after'}-{r}"
+            start = time.perf_counter()
+            config = load_config(preset(METHODS[name][0]), [*one_epoch, *extra])
+            train_from_config(config, run_dir=run, overwrite=True)
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times[sokd]) / statistics.median(times[base]), [times[base], times[sokd]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-cost", action="store_true", help="train only; no cost runs, no table")
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo-sokd"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo_sokd.md")
+    args = parser.parse_args()
+    teacher_dir, _, warning = prepare_teacher(args.runs, [], Console(), "demo/teacher.yaml", quick=False)
+    teacher = [f"teacher.weights={teacher_dir / 'student.safetensors'}"]
+    walls = {}
+    for seed in args.seeds:
+        for name in args.methods:
+            overrides = [*teacher, f"runtime.seed={seed}", "runtime.progress=false"]
+            walls[(name, seed)] = train(preset(METHODS[name][0]), args.runs / f"{name}-seed{seed}", overrides)
+    if args.no_cost:
+        return
+    rows = compare_runs([args.runs / f"{n}-seed{s}" for n in args.methods for s in args.seeds])
+    for row, name in zip(rows, args.methods, strict=True):
+        row["label"] = METHODS[name][1]
+    metric = rows[0]["metric"]
+    best = {name: row[f"best_{metric}_mean"] for name, row in zip(args.methods, rows, strict=True)}
+    lines = [
+        f"# SoKD as a plug-in on the embedded classification demo, seeds {args.seeds}",
+        "",
+        *([f"Teacher check: {warning}", ""] if warning else []),
+        comparison_table(rows),
+        "",
+    ]
+    for base, sokd in PAIRS:
+        if base in best and sokd in best:
+            lines.append(
+                f"{METHODS[sokd][1]} minus {METHODS[base][1]} (best {metric}, mean over seeds): "
+                f"{best[sokd] - best[base]:+.2f} points."
+            )
+    lines.append("")
+    for base, sokd in PAIRS:
+        for search in (True, False):
+            ratio, times = cost(base, sokd, teacher, args.runs, args.repeats, search)
+            when = "a search epoch (a DAFA update before every step)" if search else "an epoch after it"
+            lines.append(
+                f"- Cost, {when}: one epoch of {METHODS[sokd][1]} takes {ratio:.2f}x one epoch of "
+                f"{METHODS[base][1]} (median of {args.repeats} alternated one-epoch runs; "
+                + ", ".join(f"{t:.0f} s" for t in times[0])
+                + " vs "
+                + ", ".join(f"{t:.0f} s" for t in times[1])
+                + "; each includes start-up and one evaluation)."
+            )
+    lines += [
+        "",
+        "Wall time per run: "
+        + ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
+        + ".",
+        "",
+    ]
+    write_table(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

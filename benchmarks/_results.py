@@ -39,3 +39,28 @@ def run_seeds(demo: Callable[..., Path], args: argparse.Namespace) -> list[str]:
         + " (the first call also generates the data and trains the teacher unless they are cached).",
         "",
     ]
+
+
+def train_or_reuse(config_path: Path, run_dir: Path, overrides: list[str]) -> float:
+    """Train ``config_path`` with ``overrides`` into ``run_dir`` unless it finished there (a stopped run
+    resumes from its checkpoint); the wall time in seconds, 0 when reused."""
+    from kdkit.api import train_from_config
+    from kdkit.config import load_config
+
+    if (run_dir / "summary.json").is_file():
+        return 0.0
+    start = time.perf_counter()
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    config = load_config(run_dir / "config.yaml") if resume else load_config(config_path, overrides)
+    train_from_config(config, run_dir=run_dir, overwrite=not resume, resume=resume)
+    return time.perf_counter() - start
+
+
+def seconds(times: list[float]) -> str:
+    return ", ".join(f"{t:.0f} s" for t in times)
+
+
+def walls_line(walls: dict[tuple[str, int], float]) -> str:
+    """``Wall time per run: kd seed 0: 512 s, ...`` (``reused`` for runs found finished)."""
+    runs = ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
+    return f"Wall time per run: {runs}."

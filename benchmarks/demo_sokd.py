@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_table
+from _results import RESULTS, seconds, train_or_reuse, walls_line, write_table
 from rich.console import Console
 
 from kdkit.api import train_from_config
@@ -35,17 +35,6 @@ METHODS = {  # run name: (preset, label)
     "reviewkd_sokd": ("demo/reviewkd_sokd.yaml", "ReviewKD + SoKD"),
 }
 PAIRS = [("fitnet", "fitnet_sokd"), ("reviewkd", "reviewkd_sokd")]  # (base, SoKD)
-
-
-def train(config_path: Path, run_dir: Path, overrides: list[str]) -> float:
-    """Train unless finished (resuming a stopped run); the wall time (0 when reused)."""
-    if (run_dir / "summary.json").is_file():
-        return 0.0
-    start = time.perf_counter()
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    config = load_config(run_dir / "config.yaml") if resume else load_config(config_path, overrides)
-    train_from_config(config, run_dir=run_dir, overwrite=not resume, resume=resume)
-    return time.perf_counter() - start
 
 
 def cost(
@@ -80,7 +69,8 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.methods:
             overrides = [*teacher, f"runtime.seed={seed}", "runtime.progress=false"]
-            walls[(name, seed)] = train(preset(METHODS[name][0]), args.runs / f"{name}-seed{seed}", overrides)
+            run_dir = args.runs / f"{name}-seed{seed}"
+            walls[(name, seed)] = train_or_reuse(preset(METHODS[name][0]), run_dir, overrides)
     if args.no_cost:
         return
     rows = compare_runs([args.runs / f"{n}-seed{s}" for n in args.methods for s in args.seeds])
@@ -109,18 +99,9 @@ def main() -> None:
             lines.append(
                 f"- Cost, {when}: one epoch of {METHODS[sokd][1]} takes {ratio:.2f}x one epoch of "
                 f"{METHODS[base][1]} (median of {args.repeats} alternated one-epoch runs; "
-                + ", ".join(f"{t:.0f} s" for t in times[0])
-                + " vs "
-                + ", ".join(f"{t:.0f} s" for t in times[1])
-                + "; each includes start-up and one evaluation)."
+                f"{seconds(times[0])} vs {seconds(times[1])}; each includes start-up and one evaluation)."
             )
-    lines += [
-        "",
-        "Wall time per run: "
-        + ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
-        + ".",
-        "",
-    ]
+    lines += ["", walls_line(walls), ""]
     write_table(args.out, lines)
 
 

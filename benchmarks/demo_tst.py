@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _results import RESULTS, write_table
+from _results import RESULTS, seconds, train_or_reuse, walls_line, write_table
 from rich.console import Console
 
 from kdkit.api import train_from_config
@@ -34,15 +34,6 @@ TASKS = {  # task: (teacher preset, baseline preset, TST preset, label of the ba
         "pixel KD",
     ),
 }
-
-
-def train(config_path: Path, run_dir: Path, overrides: list[str]) -> float:
-    """Train unless finished; the wall time (0 when reused)."""
-    if (run_dir / "summary.json").is_file():
-        return 0.0
-    start = time.perf_counter()
-    train_from_config(load_config(config_path, overrides), run_dir=run_dir, overwrite=True)
-    return time.perf_counter() - start
 
 
 def cost_ratio(baseline: Path, tst: Path, teacher: list[str], runs: Path, repeats: int) -> tuple[float, list]:
@@ -78,7 +69,7 @@ def main() -> None:
         for seed in args.seeds:
             for name, path in (("base", base_preset), ("tst", tst_preset)):
                 overrides = [*teacher, f"runtime.seed={seed}", "runtime.progress=false"]
-                walls[(name, seed)] = train(preset(path), runs / f"{name}-seed{seed}", overrides)
+                walls[(name, seed)] = train_or_reuse(preset(path), runs / f"{name}-seed{seed}", overrides)
         rows = compare_runs([runs / f"{n}-seed{s}" for n in ("base", "tst") for s in args.seeds])
         rows[0]["label"], rows[1]["label"] = label, "TST"
         metric = rows[0]["metric"]
@@ -94,14 +85,9 @@ def main() -> None:
             "",
             f"Cost: one epoch of TST takes {ratio:.2f}x the wall time of one epoch of {label} (median of "
             f"{args.repeats} alternated one-epoch runs; {label}: "
-            + ", ".join(f"{t:.0f} s" for t in times[0])
-            + "; TST: "
-            + ", ".join(f"{t:.0f} s" for t in times[1])
-            + "; each includes start-up and one evaluation).",
+            f"{seconds(times[0])}; TST: {seconds(times[1])}; each includes start-up and one evaluation).",
             "",
-            "Wall time per run: "
-            + ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
-            + ".",
+            walls_line(walls),
             "",
         ]
     write_table(args.out, lines)

@@ -103,20 +103,27 @@ def test_student_frozen_during_refiner_update_and_refiner_frozen_during_student_
     assert x.shape[0] == 16  # [x; x_hat]
 
 
-def test_resume_in_the_middle_of_a_refiner_phase_is_exact(tmp_path, one_thread):
-    full = tst_config(tmp_path, name="full")
+def check_resume_is_exact(tmp_path, make_config) -> dict:
+    """A run stopped after step 3 (checkpoints every 2 steps) and resumed logs the same refiner phases and
+    evaluations as an uninterrupted one; returns the checkpoint it resumed from."""
+    full = make_config(tmp_path, name="full")
     full.runtime.checkpoint_every_steps = 2
     train_from_config(full)
-    cut = tst_config(tmp_path, name="cut")
+    cut = make_config(tmp_path, name="cut")
     cut.runtime.checkpoint_every_steps = 2
     with pytest.raises(KeyboardInterrupt):
-        train_from_config(cut, callbacks=[Crash(3)])  # after step 3: refiner phases at 0 and 2 done
+        train_from_config(cut, callbacks=[Crash(3)])
     run_dir = tmp_path / "runs" / "cut"
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["step"] == 2 and state["refiners"][0]["updates"] == 2
     train_from_config(cut, run_dir=run_dir, resume=True)
     assert records(run_dir, "refiner") == records(tmp_path / "runs" / "full", "refiner")
     assert records(run_dir, "eval") == records(tmp_path / "runs" / "full", "eval")
+    return state
+
+
+def test_resume_in_the_middle_of_a_refiner_phase_is_exact(tmp_path, one_thread):
+    state = check_resume_is_exact(tmp_path, tst_config)  # stopped after step 3: phases at 0 and 2 done
+    assert state["step"] == 2 and state["refiners"][0]["updates"] == 2
 
 
 def test_a_stage_may_train_no_student_parameter(tmp_path, one_thread):

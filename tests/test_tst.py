@@ -140,29 +140,43 @@ def test_segmentation_warps_image_and_mask_identically():
     assert not torch.equal(warped, masks)
 
 
+DDP_REFINERS = {  # refiner entry, terms, learned tensors compared
+    "tst": (
+        {
+            "name": "tst", "primitives": ["Equalize", "Invert", "Cutout"], "num_ops": 2,
+            "optimizer": {"name": "sgd", "lr": 5.0, "momentum": 0.0, "weight_decay": 0.0},
+        },
+        [{"name": "ce"}, {"name": "kd"}],
+        ["theta_p"],
+    ),
+    "dafa": (
+        {"name": "dafa", "optimizer": {"name": "sgd", "lr": 5.0, "momentum": 0.0, "weight_decay": 0.0}},
+        [{"name": "ce"}, {"name": "fitnet"}],
+        ["alpha", "theta_p", "theta_m"],
+    ),
+}
+
+
 @pytest.mark.slow
-def test_two_processes_average_refiner_gradients(tmp_path):
+@pytest.mark.parametrize("kind", list(DDP_REFINERS))
+def test_two_processes_average_refiner_gradients(tmp_path, kind):
     """torchrun, 2 processes x 16 images vs 1 process x 32 (the global batch): the same refiner parameters
-    after 4 updates, to a relative 1e-4 (measured: 2e-5; only the float reduction order differs, amplified
-    by the refiner's lr of 5; without averaging the processes would step on halves of the batch and
-    differ by whole units). The three primitives without magnitude keep it free of stage I fitting."""
+    after 4 updates, to a relative 1e-4 (measured for tst: 2e-5; only the float reduction order differs,
+    amplified by the refiner's lr of 5; without averaging the processes would step on halves of the batch
+    and differ by whole units). TST's three primitives without magnitude keep it free of stage I fitting;
+    DAFA (a feature refiner) draws its sub-policy for the global batch and slices the per-sample draws."""
+    entry, terms, keys = DDP_REFINERS[kind]
     config = {
-        "name": "tst-ddp",
+        "name": f"{kind}-ddp",
         "data": {"name": "embedded", "params": {"train_size": 64, "test_size": 32}, "batch_size": 32},
         "teacher": {"name": "resnet8"},
         "student": {"name": "resnet8"},
-        "terms": [{"name": "ce"}, {"name": "kd"}],
-        "refiners": [
-            {
-                "name": "tst", "primitives": ["Equalize", "Invert", "Cutout"], "num_ops": 2,
-                "optimizer": {"name": "sgd", "lr": 5.0, "momentum": 0.0, "weight_decay": 0.0},
-                "update": {"every": 1, "iterations": 2},
-            }
-        ],
+        "terms": terms,
+        "refiners": [{**entry, "update": {"every": 1, "iterations": 2}}],
         "stages": [{"epochs": 1, "optimizer": {"lr": 0.05}}],
         "runtime": {"progress": False, "deterministic": True},
     }
-    path = tmp_path / "tst.yaml"
+    path = tmp_path / "refiner.yaml"
     path.write_text(yaml.safe_dump(config))
     states = []
     for nproc in (1, 2):
@@ -175,6 +189,8 @@ def test_two_processes_average_refiner_gradients(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         states.append(load_checkpoint(out / "checkpoints" / "last.pt")["refiners"][0])
     assert states[0]["updates"] == states[1]["updates"] == 4  # 64 images / 32: 2 steps x 2 updates
-    one, two = states[0]["module"]["theta_p"], states[1]["module"]["theta_p"]
-    assert not torch.equal(one, torch.zeros_like(one))
-    torch.testing.assert_close(two, one, atol=0, rtol=1e-4)
+    for key in keys:
+        one, two = states[0]["module"][key], states[1]["module"][key]
+        torch.testing.assert_close(two, one, atol=0, rtol=1e-4)
+    first = states[0]["module"][keys[0]]
+    assert not torch.equal(first, torch.zeros_like(first))

@@ -133,6 +133,7 @@ class Distiller(nn.Module):
         for wt in terms:
             value = wt.term(view)
             parts[wt.name] = value.detach()
+            parts.update({f"{wt.name}/{key}": stat for key, stat in wt.term.stats().items()})
             total = total + wt.weight * value
         return total, parts, student_out["logits"]
 

@@ -46,7 +46,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str) -> Path |
     if not train:
         return None
     epochs = _run_epochs(train)
-    keys = [k for k in train[-1] if k not in NON_LOSS_KEYS]
+    keys = [k for k in train[-1] if k not in NON_LOSS_KEYS and "/" not in k]  # "<term>/<stat>": not losses
     fig, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for key in keys:
         axis.plot(

@@ -86,6 +86,11 @@ class Term(nn.Module):
         """Called once with the size of the stage's training set (terms with a memory per sample, such
         as CRD's banks, allocate it here; they read ``StepView.indices``). Default: nothing."""
 
+    def stats(self) -> dict[str, Tensor]:
+        """Detached scalars of the last forward for the training log (``<term>/<key>`` in the ``train``
+        records, averaged like the losses; e.g. DAM's mask coverage). Default: none."""
+        return {}
+
     def teacher_space_taps(self) -> list[str]:
         """The teacher taps :meth:`teacher_space` gives targets for (known after :meth:`bind`)."""
         return []

@@ -271,6 +271,10 @@ class DAM(_SingleTapTerm):
         score, boxes, masks, _ = self._decode(pred_s, pred_t, teacher_feature)
         return score, boxes, masks
 
+    def stats(self) -> dict[str, Tensor]:
+        """``coverage``, ``box_coverage``, ``flat`` of the last forward, for the training log."""
+        return dict(self._stats)
+
     @property
     def last_stats(self) -> dict[str, float]:
         """``coverage``, ``box_coverage`` and ``flat`` of the last forward (module doc); empty before."""

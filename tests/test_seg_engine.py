@@ -209,6 +209,7 @@ def test_segmentation_run_trains_evaluates_and_reports(tmp_path):
     for name in ("image_miou.png", "accuracy.png", "student.safetensors", "report.md"):
         assert (run / name).is_file(), name
     assert "HP-Acc" in (run / "report.md").read_text()
+    assert json.loads((run / "student.json").read_text())["task"] == "segmentation"  # for predict/export
 
 
 def test_slide_and_whole_evaluation_agree_for_a_full_window(tmp_path):

@@ -112,7 +112,9 @@ def build_refiners(
     return refiners
 
 
-def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec:
+def model_spec(
+    config: ModelConfig, num_classes: int, dataset: Any, task: str = "classification"
+) -> ModelSpec:
     images = getattr(dataset, "images", None)
     size = tuple(images.shape[-2:]) if images is not None else None
     return ModelSpec(
@@ -123,6 +125,7 @@ def model_spec(config: ModelConfig, num_classes: int, dataset: Any) -> ModelSpec
         std=tuple(dataset.std),
         classes=list(dataset.classes),
         image_size=size,
+        task=task,
     )
 
 
@@ -222,7 +225,7 @@ def build_run(
             )
         )
     run_dir = run_dir or run_directory(config)
-    spec = model_spec(config.student, num_classes, first)
+    spec = model_spec(config.student, num_classes, first, task.name)
     from ..report.outputs import RunOutputs  # report imports the engine; import late
 
     extra = list(callbacks) if callbacks is not None else ([ProgressBar()] if runtime.progress else [])

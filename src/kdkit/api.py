@@ -452,39 +452,20 @@ def predict_masks(
     ``<out>/<stem>_mask.png`` (class ids as 8-bit grey levels); returns per image
     ``{"image", "overlay", "mask", "coverage": [(class, pixel share), ...] largest first}``.
     """
-    from PIL import Image
-
     from .deploy.export import load_student
-    from .report.overlay import class_colours, coverage, write_overlay
+    from .report.overlay import write_prediction
     from .taps import main_output
 
     model, spec = load_student(run)
     names = spec.classes or [str(i) for i in range(spec.num_classes)]
-    colours = class_colours(names)
-    out = Path(out)
     results: list[dict[str, Any]] = []
     stems: set[str] = set()
-    for i, path in enumerate(map(Path, images)):
+    for path in map(Path, images):
         image, x = _prediction_input(path, spec)
         scores = main_output(model(x))
         if scores.dim() != 4:
             raise KdkitError(
                 f"{run} holds a classification student: kdkit predict names classes without --out"
             )
-        scores = torch.nn.functional.interpolate(
-            scores.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False
-        )
-        mask = scores[0].argmax(0).to(torch.uint8)
-        stem = path.stem if path.stem not in stems else f"{path.stem}-{i}"
-        stems.add(stem)
-        overlay = write_overlay(image, mask, colours, out / f"{stem}_overlay.png", alpha)
-        Image.fromarray(mask.numpy()).save(out / f"{stem}_mask.png")
-        results.append(
-            {
-                "image": path,
-                "overlay": overlay,
-                "mask": out / f"{stem}_mask.png",
-                "coverage": coverage(mask, names),
-            }
-        )
+        results.append(write_prediction(path, image, scores, names, Path(out), stems, alpha))
     return results

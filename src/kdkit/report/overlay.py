@@ -58,3 +58,28 @@ def write_overlay(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(blended).save(path)
     return path
+
+
+def write_prediction(
+    path: Path,
+    image: torch.Tensor,
+    scores: torch.Tensor,
+    classes: Sequence[str],
+    out: Path,
+    stems: set[str],
+    alpha: float = 0.5,
+) -> dict:
+    """One segmented image file: ``scores`` (``[1,C,h,w]``) resized (bilinear) to ``image`` (uint8
+    ``[3,H,W]``), ``<out>/<stem>_overlay.png`` and ``<out>/<stem>_mask.png`` (class ids as grey levels;
+    ``stem`` made unique among ``stems``, which it joins); returns ``{"image", "overlay", "mask",
+    "coverage"}``."""
+    scores = torch.nn.functional.interpolate(
+        scores.float(), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False
+    )
+    mask = scores[0].argmax(0).to(torch.uint8)
+    stem = path.stem if path.stem not in stems else f"{path.stem}-{len(stems)}"
+    stems.add(stem)
+    overlay = write_overlay(image, mask, class_colours(classes), out / f"{stem}_overlay.png", alpha)
+    mask_path = out / f"{stem}_mask.png"
+    Image.fromarray(mask.numpy()).save(mask_path)
+    return {"image": path, "overlay": overlay, "mask": mask_path, "coverage": coverage(mask, classes)}

@@ -281,6 +281,13 @@ def test_cli_profile_with_a_runtime_exports_a_dynamic_batch_file_and_times_each_
     assert [line.split(":")[0] for line in lines] == ["torchscript batch 1", "torchscript batch 3"]
     assert all("(2 runs)" in line and "student.ts" in line for line in lines)
     assert read_metadata(run / "export" / "student.ts")["dynamic_batch"] is True
+    # the run's report gets a Deployment section: the export's parity, then the measured latencies
+    (run / "report.md").write_text("# Run\n\n| table |\n\nFiles: `config.yaml`\n")
+    assert CliRunner().invoke(app, args).exit_code == 0  # a second profile rewrites the section
+    report = (run / "report.md").read_text()
+    assert report.count("## Deployment") == 1 and report.rstrip().endswith("Files: `config.yaml`")
+    assert "- `export/student.ts` (torchscript): max |exported - PyTorch|" in report
+    assert "| torchscript | 1 |" in report and "| torchscript | 3 |" in report
     bad = CliRunner().invoke(app, ["profile", str(run), "--runtime", "tensorrt"])
     assert (
         bad.exit_code == 2 and "unknown runtime 'tensorrt'; choose one of: torch, onnxruntime" in bad.output

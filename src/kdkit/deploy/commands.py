@@ -36,6 +36,7 @@ from .formats import (
 )
 from .profile import latency_stats as latency
 from .runtime import RUNTIMES, Runner, load_runtime
+from .summary import record_latency, update_report
 
 RUNTIME_FORMAT = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 
@@ -202,6 +203,8 @@ def export_run(
     if int8:
         meta["int8"] = _int8(path, meta, module, config, size, images, calibration, limit, metric)
         write_metadata(path, meta)
+    if out_dir == run / "export":
+        update_report(run)
     return {**meta, "path": path}
 
 
@@ -250,7 +253,8 @@ def profile_run(
 ) -> list[dict[str, Any]]:
     """Latency (median and p95 over ``repeats`` timed runs, warm-up excluded) of a run's student on
     ``runtime`` (``torch``, ``onnxruntime`` or ``torchscript``, CPU) at each batch, and the size on disk
-    of the file that runtime loads (exported first when missing)."""
+    of the file that runtime loads (exported first when missing); recorded in ``RUN/export/latency.json``
+    and the run's report (:mod:`kdkit.deploy.summary`)."""
     if runtime not in RUNTIMES:
         raise KdkitError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
     run = Path(run)
@@ -274,6 +278,8 @@ def profile_run(
                 "size_bytes": file_size(path),
             }
         )
+    if runtime != "torch" or (run / "export").is_dir():
+        record_latency(run, rows)
     return rows
 
 

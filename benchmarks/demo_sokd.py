@@ -9,7 +9,7 @@ method, alternated in this process (median of ``--repeats``) so that both see th
 search epoch (DAFA updates before every student step) and once after the search (the policy only
 sampled: ``update.epochs`` moved past the one-epoch run).
 Writes benchmarks/results/demo_sokd.md.
-Run:  python benchmarks/demo_sokd.py [--seeds 0 1 2] [--methods fitnet ...] [--no-cost]
+Run:  python benchmarks/demo_sokd.py [--seeds 0 1 2] [--methods ...] [--no-train|--no-table] [--no-cost]
 """
 
 from __future__ import annotations
@@ -59,30 +59,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-cost", action="store_true", help="train only; no cost runs, no table")
+    parser.add_argument("--no-train", action="store_true", help="tabulate the runs that finished; train none")
+    parser.add_argument("--no-cost", action="store_true", help="no cost runs")
+    parser.add_argument("--no-table", action="store_true", help="train only")
     parser.add_argument("--runs", type=Path, default=Path("runs/demo-sokd"))
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_sokd.md")
     args = parser.parse_args()
     teacher_dir, _, warning = prepare_teacher(args.runs, [], Console(), "demo/teacher.yaml", quick=False)
     teacher = [f"teacher.weights={teacher_dir / 'student.safetensors'}"]
     walls = {}
-    for seed in args.seeds:
+    for seed in [] if args.no_train else args.seeds:
         for name in args.methods:
             overrides = [*teacher, f"runtime.seed={seed}", "runtime.progress=false"]
             run_dir = args.runs / f"{name}-seed{seed}"
             walls[(name, seed)] = train_or_reuse(preset(METHODS[name][0]), run_dir, overrides)
-    if args.no_cost:
+    if args.no_table:
         return
-    rows = compare_runs([args.runs / f"{n}-seed{s}" for n in args.methods for s in args.seeds])
-    for row, name in zip(rows, args.methods, strict=True):
+    def finished(name: str) -> list[int]:
+        return [s for s in args.seeds if (args.runs / f"{name}-seed{s}" / "summary.json").is_file()]
+
+    done = {n: finished(n) for n in args.methods}
+    present = [n for n in args.methods if done[n]]
+    rows = compare_runs([args.runs / f"{n}-seed{s}" for n in present for s in done[n]])
+    for row, name in zip(rows, present, strict=True):
         row["label"] = METHODS[name][1]
-    metric = rows[0]["metric"]
-    best = {name: row[f"best_{metric}_mean"] for name, row in zip(args.methods, rows, strict=True)}
+    metric = rows[0]["metric"] if rows else "top1"
+    best = {name: row[f"best_{metric}_mean"] for name, row in zip(present, rows, strict=True)}
     lines = [
         f"# SoKD as a plug-in on the embedded classification demo, seeds {args.seeds}",
         "",
         *([f"Teacher check: {warning}", ""] if warning else []),
-        comparison_table(rows),
+        "Finished runs: " + "; ".join(f"{METHODS[n][1]} seeds {done[n] or 'none'}" for n in args.methods),
+        "",
+        comparison_table(rows) if rows else "(no finished runs)",
         "",
     ]
     for base, sokd in PAIRS:
@@ -92,7 +101,7 @@ def main() -> None:
                 f"{best[sokd] - best[base]:+.2f} points."
             )
     lines.append("")
-    for base, sokd in PAIRS:
+    for base, sokd in [] if args.no_cost else PAIRS:
         for search in (True, False):
             ratio, times = cost(base, sokd, teacher, args.runs, args.repeats, search)
             when = "a search epoch (a DAFA update before every step)" if search else "an epoch after it"
@@ -101,7 +110,7 @@ def main() -> None:
                 f"{METHODS[base][1]} (median of {args.repeats} alternated one-epoch runs; "
                 f"{seconds(times[0])} vs {seconds(times[1])}; each includes start-up and one evaluation)."
             )
-    lines += ["", walls_line(walls), ""]
+    lines += ["", walls_line(walls), ""] if walls else [""]
     write_table(args.out, lines)
 
 

@@ -220,3 +220,10 @@ def test_teacher_space_of_fitnet_and_reviewkd():
     levels = [feats["a"], feats["b"], feats["e"][:, :, None, None]]
     expected = review_features(list(review.abfs), levels, review.out_sizes)
     assert torch.equal(targets["A"], expected[0]) and torch.equal(targets["B"], expected[1])
+
+
+def test_a_diverged_student_is_named_as_the_cause():
+    refiner = bound(DAFARefiner())
+    f = torch.randn(4, 8, 6, 6)
+    with pytest.raises(KdkitError, match="student's steps diverged"):
+        refiner.loss(f, None, torch.Generator().manual_seed(0), 4, 0, Frozen(torch.full_like(f, math.nan)))

@@ -47,7 +47,7 @@ METHOD_TERMS = {
     "tst": [("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4})],
     "crd": [("ce", 1.0, {}), ("crd", 0.8, {})],
     "reviewkd": [("ce", 1.0, {}), ("reviewkd", "pair", {})],
-    "fitnet_sokd": [("ce", 1.0, {}), ("dam", 100.0, {})],
+    "fitnet_sokd": [("ce", 1.0, {}), ("dam", 1.0, {"area_weight": 100})],
     "at_sokd": [("ce", 1.0, {}), ("at", 1000.0, {"p": 2}), ("dam", 1.0, {})],
     "crd_sokd": [("ce", 1.0, {}), ("crd", 0.8, {}), ("dam", 1.0, {})],
     "reviewkd_sokd": [("ce", 1.0, {}), ("reviewkd", "pair", {}), ("dam", 1.0, {})],

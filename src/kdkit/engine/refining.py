@@ -216,9 +216,16 @@ class Refining:
                 frozen=frozen,
             )
             if not bool(torch.isfinite(loss.detach()).item()):
+                student = frozen.distiller.student.parameters()
+                way_out = (
+                    "lower its optimizer.lr"
+                    if all(bool(torch.isfinite(p).all()) for p in student)
+                    else "the student's weights are not finite (its steps diverged): lower the stage's lr "
+                    "or the terms' weights"
+                )
                 raise KdkitError(
                     f"refiner '{slot.config.name}': non-finite loss {float(loss):.4g} in update "
-                    f"{slot.updates + 1}; lower its optimizer.lr"
+                    f"{slot.updates + 1}; {way_out}"
                 )
             slot.optimizer.zero_grad(set_to_none=True)
             loss.backward(inputs=slot.params)

@@ -189,6 +189,11 @@ class DAFARefiner(FeatureRefiner):
                     f"refiner 'dafa': no term of this stage maps the student onto teacher tap '{key}'; "
                     "limit the refiner's `stages` to those with a `dam` or `fitnet` term on it"
                 )
+            if not all(bool(torch.isfinite(t).all()) for t in targets[key]):
+                raise KdkitError(
+                    f"refiner 'dafa': the student's features mapped onto teacher tap '{key}' are not finite "
+                    "(the student's steps diverged); lower the stage's lr or the terms' weights"
+                )
             losses += [0.5 * F.mse_loss(refined[key], t) for t in targets[key]]
         aug = torch.stack(losses).mean()
         return aug, {}

@@ -196,3 +196,16 @@ def test_terms_see_the_dataset_indices_of_the_batch_also_after_a_refiner(tmp_pat
         assert indices.shape == (64,) and torch.equal(indices[:32], indices[32:])
         assert torch.equal(data.labels[indices], labels)
     assert len({i for idx, _ in seen[:6] for i in idx[:32].tolist()}) == 192  # one epoch: every sample once
+
+
+def test_a_non_finite_refiner_loss_names_a_diverged_student(tmp_path, one_thread):
+    built = build_run(tst_config(tmp_path, refiner=tst_entry()))
+    trainer = built.trainer
+    trainer.run_dir.mkdir(parents=True)
+    stage = trainer.stages[0]
+    images = trainer.prepare_eval(torch.stack([stage.train_data[i][0] for i in range(4)]))
+    labels = torch.tensor([int(stage.train_data[i][1]) for i in range(4)])
+    with torch.no_grad():
+        next(trainer.distiller.student.parameters()).fill_(float("nan"))
+    with pytest.raises(KdkitError, match="student's weights are not finite"):
+        trainer._refiner_phases(0, stage, images, labels, 0, 6, 2.0)

@@ -224,7 +224,7 @@ class Refining:
                     "or the terms' weights"
                 )
                 raise KdkitError(
-                    f"refiner '{slot.config.name}': non-finite loss {float(loss):.4g} in update "
+                    f"refiner '{slot.config.name}': non-finite loss {float(loss.detach()):.4g} in update "
                     f"{slot.updates + 1}; {way_out}"
                 )
             slot.optimizer.zero_grad(set_to_none=True)

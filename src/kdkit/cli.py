@@ -341,7 +341,7 @@ def predict(
     """Classify image files with an exported student, or segment them (segmentation students:
     <out>/<name>_overlay.png and <out>/<name>_mask.png per image, and the classes covering most pixels).
     An .onnx file from `kdkit export` runs on ONNX Runtime with its metadata JSON, without PyTorch's model."""
-    from .api import predict_images, predict_masks, student_task
+    from .predict import predict_images, predict_masks, student_task
 
     if run.suffix == ".onnx":
         from .deploy.commands import predict_onnx

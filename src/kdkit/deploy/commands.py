@@ -380,7 +380,7 @@ def predict_onnx(
     Returns ``(task, results)``: for classification, per image the ``top`` (class, probability) pairs
     (the image resized and centre-cropped to the square ``image_size`` as ``kdkit predict`` does); for
     segmentation, per image ``{"image", "overlay", "mask", "coverage"}`` as
-    :func:`kdkit.api.predict_masks` (the image resized to ``image_size``, scores resized back).
+    :func:`kdkit.predict.predict_masks` (the image resized to ``image_size``, scores resized back).
     """
 
     from ..data.folders import load_image

@@ -248,7 +248,9 @@ def build_run(
     sample = dry_run_batch(trainer, stages[0])
     for stage in stages:
         for wt in stage.terms:
-            wt.term.bind_data(len(stage.train_data))
+            labels = getattr(stage.train_data, "labels", None)  # classification: one class per sample
+            labels = labels if isinstance(labels, torch.Tensor) and labels.dim() == 1 else None
+            wt.term.bind_data(len(stage.train_data), labels)
     for refiner in refiners:
         refiner.prepare(tuple(sample.shape[-2:]))
     shapes = distiller.setup(sample)

@@ -82,9 +82,10 @@ class Term(nn.Module):
     def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         """Build connectors from the dry run's shapes. Default: nothing to build."""
 
-    def bind_data(self, num_samples: int) -> None:
-        """Called once with the size of the stage's training set (terms with a memory per sample, such
-        as CRD's banks, allocate it here; they read ``StepView.indices``). Default: nothing."""
+    def bind_data(self, num_samples: int, labels: Tensor | None = None) -> None:
+        """Called once with the size of the stage's training set and, for classification data, the
+        class of every sample (terms with a memory per sample, such as CRD's banks, allocate it here;
+        they read ``StepView.indices``). Default: nothing."""
 
     def stats(self) -> dict[str, Tensor]:
         """Detached scalars of the last forward for the training log (``<term>/<key>`` in the ``train``

@@ -17,7 +17,13 @@ embeddings with momentum 0.5 and are renormalised (the memory of Wu et al. 2018)
 the term, so they are checkpointed and resume exactly; under torchrun every process adds the whole
 global batch's embeddings to its banks (all-gathered), so the banks stay identical across processes.
 Negatives are drawn from the global torch generator, which the trainer seeds per (seed, stage, epoch,
-step, rank). The term needs each sample's dataset index: ``StepView.indices``.
+step, rank). With classification data they are drawn from the samples of the OTHER classes, as the
+authors' code does (its CIFAR-100 sampler, mode ``exact``: the paper's "K negatives" are samples of a
+different class), uniformly with replacement (the code draws without replacement where it can; at
+K = 16384 of about 49,500 other-class samples that changes little); without labels (segmentation),
+uniformly from the whole set. On the 10-class demo, uniform negatives (10% of them of the anchor's
+class) kept the student at chance for 12 epochs. The term needs each sample's dataset index:
+``StepView.indices``.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ class CRD(_SingleTapTerm):
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None
         self.num_samples = 0
+        self.register_buffer("labels", None, persistent=False)  # set by bind_data for classification
 
     def _default(self, model: nn.Module | None, role: str) -> str:
         return self._declared(model, "embedding_tap", role, f"{role}_tap")
@@ -116,18 +123,44 @@ class CRD(_SingleTapTerm):
         t_dim = math.prod(teacher_shapes[self.teacher_tap][1:])
         self.embed_s, self.embed_t = Embed(s_dim, self.feat_dim), Embed(t_dim, self.feat_dim)
 
-    def bind_data(self, num_samples: int) -> None:
+    def bind_data(self, num_samples: int, labels: Tensor | None = None) -> None:
         """Memory banks for a training set of ``num_samples`` (uniform in [-a, a], a = 1/sqrt(d/3),
-        as the authors' code initialises them), and the NCE constants, still unknown (-1)."""
+        as the authors' code initialises them), the NCE constants, still unknown (-1), and, given the
+        samples' ``labels``, the index tables that draw negatives from the other classes."""
         if num_samples < 2:
             raise KdkitError("term 'crd' needs a training set of at least 2 images")
         self.num_samples = num_samples
+        if labels is not None:
+            labels = labels.long().cpu()
+            counts = torch.bincount(labels)
+            if int(counts.max()) == num_samples:
+                raise KdkitError("term 'crd' takes negatives from other classes; the training set has one")
+            # samples sorted by class; class c occupies order[start[c] : start[c] + counts[c]]
+            self.labels = labels
+            self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)
+            self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+            self.register_buffer("class_count", counts, persistent=False)
         bound = 1.0 / math.sqrt(self.feat_dim / 3)
         generator = torch.Generator().manual_seed(0)
         for name in ("memory_s", "memory_t"):
             bank = torch.rand(num_samples, self.feat_dim, generator=generator) * 2 * bound - bound
             self.register_buffer(name, bank)
         self.register_buffer("z", torch.full((2,), -1.0))
+
+    def sample_negatives(self, indices: Tensor) -> Tensor:
+        """``[B, K + 1]`` dataset indices: each sample's own index, then K negatives drawn uniformly (with
+        replacement) from the samples of the other classes (from all samples without labels)."""
+        k = min(self.negatives, self.num_samples - 1)
+        if self.labels is None:
+            sampled = torch.randint(0, self.num_samples, (indices.numel(), k + 1), device=indices.device)
+        else:
+            cls = self.labels[indices]
+            start, count = self.class_start[cls, None], self.class_count[cls, None]
+            u = torch.rand(indices.numel(), k + 1, device=indices.device)
+            r = (u * (self.num_samples - count)).long()  # a position among the other classes' samples
+            sampled = self.order[r + (r >= start) * count]  # skip the anchor's class block
+        sampled[:, 0] = indices
+        return sampled
 
     def forward(self, view: StepView) -> Tensor:
         if view.indices is None:
@@ -137,9 +170,7 @@ class CRD(_SingleTapTerm):
         s = self.embed_s(view.student[self.student_tap])
         t = self.embed_t(view.teacher[self.teacher_tap])
         indices = view.indices.to(s.device)
-        k = min(self.negatives, self.num_samples - 1)
-        sampled = torch.randint(0, self.num_samples, (indices.numel(), k + 1), device=s.device)
-        sampled[:, 0] = indices
+        sampled = self.sample_negatives(indices)
         # the banks as they were before this step's update (the backward pass reads them after it)
         memory_s, memory_t = self.memory_s.clone(), self.memory_t.clone()
         scores_t = contrast_scores(t, memory_s, sampled, self.temperature)  # teacher vs student bank

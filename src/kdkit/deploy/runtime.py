@@ -4,6 +4,10 @@
 :func:`load_runtime` gives a callable ``runner(x) -> logits`` on float images in [0, 1] (the
 normalisation is folded into the file, see :mod:`kdkit.deploy.formats`). A file exported with a fixed
 batch of 1 is fed one image at a time, so every runner takes any batch.
+
+Trust: an ONNX file is a protobuf graph and carries no code. ``.ts`` and ``.pt2`` files are read by
+``torch.jit.load`` and ``torch.export.load``, whose formats can carry code or pickled objects (the
+exported program's serializer unpickles part of the file): load only files you exported yourself.
 """
 
 from __future__ import annotations

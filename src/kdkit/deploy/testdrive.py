@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..data.base import cache_dir, versioned_dir
-from ..data.road_scenes import CITIES, CLASSES, STYLES
+from ..data.road_scenes import CITIES, CLASSES, STYLES, save_pngs
 from ..data.road_scenes.layout import CAR_ROWS, CARS_PER_ROW, draw_content
 from ..data.road_scenes.rendering import F32, render_content
 from ..errors import KdkitError
@@ -203,9 +202,7 @@ def _write_drive(folder: Path, images: np.ndarray, masks: np.ndarray, styles: li
     try:
         for sub in ("frames", "masks"):
             (tmp / sub).mkdir(parents=True)
-        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            Image.fromarray(image.transpose(1, 2, 0)).save(tmp / "frames" / f"{i:05d}.png", compress_level=1)
-            Image.fromarray(mask).save(tmp / "masks" / f"{i:05d}.png", compress_level=1)
+        save_pngs(images, masks, tmp / "frames", tmp / "masks")
         (tmp / "styles.txt").write_text("\n".join(styles) + "\n")
         (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
         np.savez(tmp / "drive.npz", images=images, masks=masks)

@@ -49,7 +49,7 @@ from ..connectors import build_connector
 from ..errors import KdkitError
 from ..registry import TERMS
 from .base import StepView
-from .features import _SingleTapTerm
+from .features import _MiddleTapTerm
 
 FLAT_RANGE = 1e-6
 OFFSET_MARGIN = 0.01  # box centres stay this far inside their peak cell (see area_masks)
@@ -179,7 +179,7 @@ def area_masks(boxes: Tensor, peaks: Tensor, h: int, w: int) -> Tensor:
 @TERMS.register(
     "dam", "Shen et al. 2024 (SoKD): distinctive areas by shared heads (L_D), feature MSE in them (L_DA)"
 )
-class DAM(_SingleTapTerm):
+class DAM(_MiddleTapTerm):
     """SoKD's DAM (module doc): ``detect_weight * L_D + area_weight * L_DA``.
 
     Unset taps default to the middle declared feature tap of each model, like ``fitnet``. Both taps
@@ -222,10 +222,6 @@ class DAM(_SingleTapTerm):
         self.adapter: nn.Module = nn.Identity()
         self.heads: DAMHeads | None = None
         self._stats: dict[str, Tensor] = {}
-
-    def _default(self, model: nn.Module | None, role: str) -> str:
-        taps = self._declared(model, "feature_taps", role, f"{role}_tap")
-        return taps[len(taps) // 2]
 
     def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         src, dst = student_shapes[self.student_tap], teacher_shapes[self.teacher_tap]

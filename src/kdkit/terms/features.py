@@ -239,10 +239,19 @@ class _MultiTapTerm(_TapTerm):
         ]
 
 
+class _MiddleTapTerm(_SingleTapTerm):
+    """A single-tap term whose unset taps default to the middle declared feature tap of each model,
+    ``feature_taps[len // 2]`` (FitNet's hint layer; SoKD's DAM)."""
+
+    def _default(self, model: nn.Module | None, role: str) -> str:
+        taps = self._declared(model, "feature_taps", role, f"{role}_tap")
+        return taps[len(taps) // 2]
+
+
 @TERMS.register(
     "fitnet", "Romero et al. 2015: FitNets hint, MSE between connected student and teacher stages"
 )
-class FitNet(_SingleTapTerm):
+class FitNet(_MiddleTapTerm):
     """FitNets hint: :func:`fitnet_loss` on ``connector(student_tap)`` and ``teacher_tap``.
 
     Unset taps default to the middle declared feature tap of each model, ``feature_taps[len // 2]``
@@ -256,9 +265,6 @@ class FitNet(_SingleTapTerm):
         self.connector: nn.Module = nn.Identity()
         self.teacher_grid_only = False
 
-    def _default(self, model: nn.Module | None, role: str) -> str:
-        taps = self._declared(model, "feature_taps", role, f"{role}_tap")
-        return taps[len(taps) // 2]
 
     def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         src, dst = student_shapes[self.student_tap], teacher_shapes[self.teacher_tap]

@@ -89,6 +89,13 @@ def generate(
 # ---------------------------------------------------------------- cache on disk
 
 
+def save_pngs(images: Array, masks: Array, image_dir: Path, mask_dir: Path) -> None:
+    """``images`` (uint8 ``[N,3,H,W]``) and ``masks`` (``[N,H,W]``) as ``<dir>/<i:05d>.png`` (fast PNG)."""
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        Image.fromarray(image.transpose(1, 2, 0)).save(image_dir / f"{i:05d}.png", compress_level=1)
+        Image.fromarray(mask).save(mask_dir / f"{i:05d}.png", compress_level=1)
+
+
 def _write_split(style_dir: Path, split: str, images: Array, masks: Array) -> None:
     """Write PNGs, ``classes.txt`` and ``<split>.npz`` into a temp dir, then rename them into place."""
     style_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +104,7 @@ def _write_split(style_dir: Path, split: str, images: Array, masks: Array) -> No
     try:
         for sub in ("images", "masks"):
             (tmp / sub).mkdir(parents=True)
-        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            Image.fromarray(image.transpose(1, 2, 0)).save(tmp / "images" / f"{i:05d}.png", compress_level=1)
-            Image.fromarray(mask).save(tmp / "masks" / f"{i:05d}.png", compress_level=1)
+        save_pngs(images, masks, tmp / "images", tmp / "masks")
         (tmp / "classes.txt").write_text("\n".join(CLASSES) + "\n")
         np.savez(tmp / npz.name, images=images, masks=masks)
         for sub in ("images", "masks"):

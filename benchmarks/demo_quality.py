@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from _results import quality_args, run_seeds, write_table
 
-from kdkit.demo import LABELS, STUDENTS, run_demo
+from kdkit.demos.classification import LABELS, STUDENTS, run_demo
 from kdkit.report.compare import compare_runs, comparison_table
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from kdkit.api import train_from_config
 from kdkit.config import load_config
-from kdkit.demo import prepare_teacher, preset
+from kdkit.demos.common import prepare_teacher, preset
 from kdkit.report.compare import compare_runs, comparison_table
 
 METHODS = {  # run name: (preset, label)

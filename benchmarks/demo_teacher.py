@@ -25,7 +25,7 @@ from pathlib import Path
 from _results import RESULTS, write_table
 
 from kdkit.config import load_config
-from kdkit.demo import preset
+from kdkit.demos.common import preset
 
 
 def train(run: Path, seed: int, threads: int, overrides: list[str]) -> float:

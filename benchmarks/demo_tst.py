@@ -22,7 +22,7 @@ from rich.console import Console
 
 from kdkit.api import train_from_config
 from kdkit.config import load_config
-from kdkit.demo import prepare_teacher, preset
+from kdkit.demos.common import prepare_teacher, preset
 from kdkit.report.compare import compare_runs, comparison_table
 
 TASKS = {  # task: (teacher preset, baseline preset, TST preset, label of the baseline)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from _results import quality_args, run_seeds, write_table
 
-from kdkit.demo_segmentation import ROWS, run_segmentation_demo
+from kdkit.demos.segmentation import ROWS, run_segmentation_demo
 from kdkit.report.compare import compare_runs, comparison_table
 
 

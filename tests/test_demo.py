@@ -126,7 +126,7 @@ def test_style_demo_pipeline_on_tiny_settings(tmp_path, monkeypatch):
 def test_teacher_check_warns_only_far_below_the_recipe(tmp_path):
     from rich.console import Console
 
-    from kdkit.demo import EXPECTED_TEACHER, TEACHER_FLOOR, check_teacher
+    from kdkit.demos.common import EXPECTED_TEACHER, TEACHER_FLOOR, check_teacher
 
     console = Console(file=open(tmp_path / "log", "w"))  # noqa: SIM115 - closed with the test
     metric, expected = EXPECTED_TEACHER["demo/teacher.yaml"]
@@ -135,3 +135,58 @@ def test_teacher_check_warns_only_far_below_the_recipe(tmp_path):
         warning = check_teacher(tmp_path, "demo/teacher.yaml", console)
         assert (warning is not None) == warned
     assert "50.00" in warning and str(tmp_path) in warning
+
+
+DET_TINY = [
+    "--set", "data.params.train_size=16",
+    "--set", "data.params.test_size=8",
+    "--set", "data.params.image_size=[64,128]",
+    "--set", "data.augment.crop=[64,128]",
+    "--set", "data.batch_size=8",
+    "--set", "data.eval_batch_size=8",
+    "--set", "stages.0.epochs=1",
+    "--set", "stages.0.eval_every=1",
+    "--set", "runtime.progress=false",
+]  # fmt: skip
+
+
+def test_detection_demo_pipeline_on_tiny_settings(tmp_path, monkeypatch):
+    """Teacher, student alone, mimic, PKD, FGD and mimic + style run; the report has their rows, the
+    per-style table, the models' costs and the boxes of a run; a student predicts boxes on a PNG."""
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "d"
+    result = CliRunner().invoke(app, ["demo", "--task", "detection", "--out", str(out), *DET_TINY])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    for row in ("| teacher (compact FCOS x1) |", "| PKD |", "| FGD |", "| mimic + style (patent) |"):
+        assert row in report, report
+    assert "| run | day | night | fog |" in report and "GFLOPs" in report
+    assert (out / "mimic-seed0" / "detections.png").stat().st_size > 5_000
+    from PIL import Image
+
+    Image.new("RGB", (256, 128), (90, 90, 90)).save(tmp_path / "frame.png")
+    result = CliRunner().invoke(
+        app, ["predict", str(out / "pkd-seed0"), str(tmp_path / "frame.png"), "--out", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "frame_boxes.png").is_file() and (tmp_path / "p" / "detections.json").is_file()
+
+
+def test_cached_teacher_resumes_an_interrupted_training(tmp_path, monkeypatch):
+    """A teacher whose training was cut (a checkpoint, no summary) is resumed, not trained again."""
+    from rich.console import Console
+
+    from kdkit.config import dump_config, load_config
+    from kdkit.demos import common
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    config = load_config(common.preset("demo/teacher.yaml"), ["stages.0.epochs=3"])
+    run_dir = common.cache_dir("teachers", common._fingerprint(config))
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    calls = []
+    monkeypatch.setattr(common, "train_from_config", lambda cfg, **kw: calls.append(kw))
+    assert common.cached_teacher(["stages.0.epochs=3"], Console(quiet=True)) == run_dir
+    assert calls == [{"run_dir": run_dir, "resume": True}]
+    assert (run_dir / "checkpoints" / "last.pt").is_file()  # nothing was deleted

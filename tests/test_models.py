@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models import build_model, load_weights, save_weights, seg_compact, seg_resnet
+from kdkit.models import build_model, detection, load_weights, save_weights, seg_compact, seg_resnet
 from kdkit.registry import MODELS
 from kdkit.taps import Taps, dry_run, split_key
 
@@ -84,7 +84,8 @@ def _check_taps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 SEGMENTERS = {*seg_resnet.SEG_MODELS, *seg_compact.SEG_MODELS, "spirit"}  # swept in test_seg_models
-CLASSIFIERS = [n for n in MODELS.names() if n not in SEGMENTERS]
+DETECTORS = set(detection.DET_MODELS)  # swept in test_det_models
+CLASSIFIERS = [n for n in MODELS.names() if n not in SEGMENTERS | DETECTORS]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -158,7 +158,7 @@ def evaluate_student(
             "evaluate on the dataset it was trained for (--data, --set data.params...)"
         )
     kind = getattr(dataset, "task", "classification")
-    task = build_task(kind, dataset, base.evaluation if base is not None else None)
+    task = build_task(kind, dataset, base.evaluation if base is not None else None, spec.image_size)
     device = resolve_device("auto")
     precision = resolve_precision(precision, device)
     memory_format = (
@@ -209,7 +209,7 @@ def evaluate_styles(
         )
     for folder in folders:
         results[str(folder)] = evaluate_student(run, overrides=overrides, root=folder, precision=precision)
-    metric = "top1" if "top1" in next(iter(results.values())) else "miou"
+    metric = next(m for m in ("top1", "map", "miou") if m in next(iter(results.values())))
     reference = results.get(trained[0], next(iter(results.values())))[metric]
     rows = [{"style": k, metric: r[metric], "change": r[metric] - reference} for k, r in results.items()]
     out = Path(out) if out is not None else run_dir
@@ -217,7 +217,9 @@ def evaluate_styles(
     plot_styles(
         rows, metric, out / "styles.png", f"{run_dir.name}: {metric} per style (trained on {trained[0]})"
     )
-    label = "top-1 (%)" if metric == "top1" else "mIoU (%)"
+    from .engine.tasks import METRIC_LABELS
+
+    label = METRIC_LABELS[metric]
     table = markdown_table(
         ["style", label, f"change from {trained[0]}"],
         [[r["style"], f"{r[metric]:.2f}", f"{r['change']:+.2f}"] for r in rows],

@@ -1,5 +1,6 @@
 """Prediction with an exported student (part of the Python API, re-exported by :mod:`kdkit.api`):
-the classes of image files, or their segmentation (overlay and mask PNGs)."""
+the classes of image files, their segmentation (overlay and mask PNGs), or their detections (boxes
+drawn on the image, and a JSON list)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ def _prediction_input(path: Path, spec: Any) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def student_task(run: str | Path) -> str:
-    """``"classification"`` or ``"segmentation"``: what an exported student predicts (its spec says so;
-    older specs are told apart by the shape of the output, class scores per image or per pixel)."""
+    """``"classification"``, ``"segmentation"`` or ``"detection"``: what an exported student predicts (its
+    spec says so; older specs are told apart by the shape of the output, class scores per image or per
+    pixel)."""
     from .deploy.export import load_student
     from .taps import main_output
 
     model, spec = load_student(run)
-    if spec.task == "segmentation":
-        return "segmentation"
+    if spec.task in ("segmentation", "detection"):
+        return spec.task
     size = tuple(spec.image_size) if spec.image_size else (64, 64)
     out = main_output(model(torch.zeros(1, 3, *size)))
     return "segmentation" if out.dim() == 4 else "classification"
@@ -94,4 +96,47 @@ def predict_masks(
                 f"{run} holds a classification student: kdkit predict names classes without --out"
             )
         results.append(write_prediction(path, image, scores, names, Path(out), stems, alpha))
+    return results
+
+
+@torch.no_grad()
+def predict_boxes(
+    run: str | Path, images: Sequence[str | Path], out: str | Path, min_score: float = 0.3
+) -> list[dict[str, Any]]:
+    """Detect objects in image files with an exported detection student.
+
+    Each image is letterboxed to the student's training input size, detected, and the boxes scaled
+    back to the image's own pixels. Writes ``<out>/<stem>_boxes.png`` (boxes scoring at least
+    ``min_score`` drawn on the image) and ``<out>/detections.json``; returns per image ``{"image",
+    "drawn", "detections": [{"class", "score", "box": [x1, y1, x2, y2]}, ...] best first}``.
+    """
+    import json
+
+    from .data.augment import BatchAugment
+    from .data.det_augment import letterbox
+    from .data.folders import load_image
+    from .deploy.export import load_student
+    from .report.boxes import draw_boxes, save_png
+
+    model, spec = load_student(run)
+    if spec.task != "detection":
+        raise KdkitError(f"{run} holds a {spec.task} student, not a detector: kdkit predict without boxes")
+    model.eval()
+    names = spec.classes or [str(i) for i in range(spec.num_classes)]
+    normalize = BatchAugment(0, False, spec.mean, spec.std).normalize
+    folder = Path(out)
+    results: list[dict[str, Any]] = []
+    for path in map(Path, images):
+        image = load_image(path)
+        boxed, scale = letterbox(image, tuple(spec.image_size)) if spec.image_size else (image, 1.0)
+        found = model.detect(model(normalize(boxed[None])))[0]
+        keep = found["scores"] >= min_score
+        boxes, scores, labels = found["boxes"][keep] / scale, found["scores"][keep], found["labels"][keep]
+        drawn = save_png(draw_boxes(image, boxes, labels, names, scores), folder / f"{path.stem}_boxes.png")
+        detections = [
+            {"class": names[int(c)], "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+            for b, s, c in zip(boxes, scores, labels)
+        ]
+        results.append({"image": str(path), "drawn": str(drawn), "detections": detections})
+    (folder / "detections.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

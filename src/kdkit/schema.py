@@ -24,12 +24,16 @@ class ModelConfig(Strict):
 
 class AugmentConfig(Strict):
     """Training augmentation. Classification: padded random crop + flip. Segmentation: random scale,
-    crop (padding images with 0 and masks with the ignore index), flip; masks use nearest neighbours."""
+    crop (padding images with 0 and masks with the ignore index), flip; masks use nearest neighbours.
+    Detection: random scale, crop/pad to ``crop`` and flip, boxes moved with the image (dropped when they
+    leave it); ``crop`` is also the size differently sized images are letterboxed to for evaluation."""
 
     crop_padding: int = Field(4, ge=0, description="classification: zero padding of the random crop")
     flip: bool = True
-    scale: tuple[float, float] = Field((1.0, 1.0), description="segmentation: random rescale range")
-    crop: tuple[int, int] | None = Field(None, description="segmentation: [H, W] crop; default image size")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="segmentation/detection: random rescale range")
+    crop: tuple[int, int] | None = Field(
+        None, description="segmentation/detection: [H, W] crop; default image size"
+    )
 
     @model_validator(mode="after")
     def _ordered_scale(self) -> AugmentConfig:
@@ -196,7 +200,7 @@ class RuntimeConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "run"
-    task: Literal["classification", "segmentation"] = "classification"
+    task: Literal["classification", "segmentation", "detection"] = "classification"
     data: DataConfig = DataConfig()
     evaluation: EvalConfig = EvalConfig()
     teacher: ModelConfig | None = None

@@ -75,7 +75,8 @@ def resolve_module(model: nn.Module, path: str, who: str = "model") -> nn.Module
 class Taps:
     """Forward hooks that store the tensors at ``keys`` on every forward pass.
 
-    Use :meth:`__call__` to run the model and get ``{key: tensor}`` including ``"logits"``.
+    Use :meth:`__call__` to run the model and get ``{key: tensor}`` including ``"logits"``; the
+    model's raw output of that call stays in :attr:`output` (a detector's dict of head outputs).
     Hooks stay registered until :meth:`remove`; the stored tensors keep their autograd graph.
     """
 
@@ -83,6 +84,7 @@ class Taps:
         self.model = model
         self.keys = sorted(set(keys) - {LOGITS})
         self._store: dict[str, Tensor] = {}
+        self.output: Any = None
         self._handles = []
         for key in self.keys:
             path, want_input = split_key(key)
@@ -97,7 +99,7 @@ class Taps:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         self._store = {}
-        out = self.model(*args, **kwargs)
+        out = self.output = self.model(*args, **kwargs)
         found = dict(self._store)
         self._store = {}
         missing = [k for k in self.keys if k not in found]

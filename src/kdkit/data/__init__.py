@@ -3,8 +3,9 @@
 Built in: ``embedded`` (procedural, the default), ``image_folder`` (your images), ``cifar10``
 and ``cifar100`` (local torchvision-format folders); segmentation, streamed from disk:
 ``segmentation_folder`` (your masks), ``unlabeled_folder`` (images without masks),
-``cityscapes``, ``voc`` and ``camvid`` (their standard layouts). See :mod:`kdkit.data.base` for
-the contract.
+``cityscapes``, ``voc`` and ``camvid`` (their standard layouts); detection: ``road_boxes``
+(procedural, embedded), ``coco`` and ``voc_detection`` (their layouts). See :mod:`kdkit.data.base`
+and :mod:`kdkit.data.det_base` for the contracts.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from . import (  # noqa: F401  (imported so they register)
     camvid,
     cifar,
     cityscapes,
+    coco,
     embedded,
     folders,
+    road_boxes,
     road_scenes,
     segfolders,
     voc,
+    voc_det,
 )
 from .augment import BatchAugment
 from .base import ImageDataset

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.det_base import pad_targets
 from ..errors import KdkitError
 from .distributed import DistInfo
 
@@ -29,10 +31,15 @@ def generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def _collate(items: list[tuple[torch.Tensor, Any]]) -> tuple[Any, Any]:
-    """Stack images and labels (class ids, or masks); differently sized images stay lists."""
+def _collate(items: list[tuple[torch.Tensor, Any]], boxes: bool = False) -> tuple[Any, Any]:
+    """Stack images and labels (class ids, masks, or with ``boxes`` detection targets ``[n, 5]``, padded
+    to ``[b, M, 5]``); differently sized images stay lists (and their labels too)."""
     images = [image for image, _ in items]
     labels = [label for _, label in items]
+    if boxes:
+        if any(image.shape != images[0].shape for image in images):
+            return images, labels
+        return torch.stack(images), pad_targets(labels)
     if isinstance(labels[0], torch.Tensor) and labels[0].dim() > 0:
         if any(image.shape != images[0].shape for image in images):
             return images, labels
@@ -43,8 +50,8 @@ def _collate(items: list[tuple[torch.Tensor, Any]]) -> tuple[Any, Any]:
 class Batches:
     """Batches of one dataset for this process: ``(images uint8 [b,C,H,W], labels [b])``.
 
-    Segmentation labels are masks ``[b,H,W]``; a batch of differently sized images (and masks)
-    comes as two lists.
+    Segmentation labels are masks ``[b,H,W]``, detection labels targets ``[b,M,5]`` (padded with
+    class -1); a batch of differently sized images (and their masks or targets) comes as two lists.
 
     In-memory datasets (``dataset.in_memory``) are indexed directly; others go through a
     ``DataLoader`` whose workers decode images, fed with the same precomputed index lists.
@@ -120,7 +127,7 @@ class Batches:
             self.dataset,
             batch_sampler=[idx.tolist() for idx in index_lists],
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=partial(_collate, boxes=getattr(self.dataset, "task", None) == "detection"),
             persistent_workers=False,
         )
         for idx, (images, labels) in zip(index_lists, loader):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DataConfig, ModelConfig, RunConfig, TermConfig, dump_config
+from ..config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TermConfig, dump_config
 from ..data import build_dataset
 from ..data.mixing import MixedDataset
 from ..deploy.export import ModelSpec
@@ -113,10 +113,15 @@ def build_refiners(
 
 
 def model_spec(
-    config: ModelConfig, num_classes: int, dataset: Any, task: str = "classification"
+    config: ModelConfig,
+    num_classes: int,
+    dataset: Any,
+    task: str = "classification",
+    size: tuple[int, int] | None = None,
 ) -> ModelSpec:
+    """What rebuilds and feeds the trained network; ``size``: its input size (default: the dataset's)."""
     images = getattr(dataset, "images", None)
-    size = tuple(images.shape[-2:]) if images is not None else None
+    size = size or (tuple(images.shape[-2:]) if images is not None else None)
     return ModelSpec(
         model=config.name,
         num_classes=config.num_classes or num_classes,
@@ -129,10 +134,22 @@ def model_spec(
     )
 
 
+def input_size(augment: AugmentConfig, dataset: Any) -> tuple[int, int] | None:
+    """The training input size: the augment section's ``crop``, else the size of an in-memory
+    dataset's images (None for differently sized images on disk)."""
+    if augment.crop is not None:
+        return tuple(augment.crop)
+    images = getattr(dataset, "images", None)
+    return tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None
+
+
 @torch.no_grad()
 def predicts_classes(model: nn.Module, sample: torch.Tensor, num_classes: int) -> bool:
-    """Whether ``model`` outputs class scores (``[B, C]`` or ``[B, C, H, W]``): a feature-only teacher,
-    e.g. a foundation-model encoder returning tokens (patent [0040]), is distilled but not evaluated."""
+    """Whether ``model`` outputs class scores (``[B, C]`` or ``[B, C, H, W]``, or a detector of
+    ``num_classes``): a feature-only teacher, e.g. a foundation-model encoder returning tokens (patent
+    [0040]), is distilled but not evaluated."""
+    if callable(getattr(model, "detect", None)):
+        return getattr(model, "num_classes", None) == num_classes
     out = main_output(model(sample[:1]))
     return out.dim() in (2, 4) and out.shape[1] == num_classes
 
@@ -185,7 +202,7 @@ def build_run(
     torch.manual_seed(runtime.seed)
     cache = DataCache()
     first = cache.train(config.data)
-    task = build_task(config.task, first, config.evaluation)
+    task = build_task(config.task, first, config.evaluation, input_size(config.data.augment, first))
     num_classes = first.num_classes
     student = modules.get("student") or build_network(config.student, num_classes, "student")
     teacher = None
@@ -193,6 +210,7 @@ def build_run(
         teacher = modules.get("teacher") or build_network(config.teacher, num_classes, "teacher")
         if "teacher" in modules and config.teacher.weights is not None:
             load_weights(teacher, config.teacher.weights)
+    task.check_models(student, teacher)
     stage_terms = [
         build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)
     ]
@@ -225,7 +243,7 @@ def build_run(
             )
         )
     run_dir = run_dir or run_directory(config)
-    spec = model_spec(config.student, num_classes, first, task.name)
+    spec = model_spec(config.student, num_classes, first, task.name, getattr(task, "size", None))
     from ..report.outputs import RunOutputs  # report imports the engine; import late
 
     extra = list(callbacks) if callbacks is not None else ([ProgressBar()] if runtime.progress else [])

@@ -121,13 +121,18 @@ class Distiller(nn.Module):
             raise RuntimeError("call Distiller.setup(sample) before the first forward pass")
         terms = self.active_terms()
         teacher_out: dict[str, Tensor] = {}
+        teacher_raw = None
         if self._teacher_taps is not None and any(wt.term.needs_teacher for wt in terms):
             with torch.no_grad():
                 teacher_out = {k: v.float() for k, v in self._teacher_taps(images).items()}
+                teacher_raw = self._teacher_taps.output
                 if refine is not None:
                     teacher_out = refine(teacher_out)
         student_out = {k: v.float() for k, v in self._student_taps(images).items()}
-        view = StepView(student_out, teacher_out, labels, epoch, epoch_progress, indices)
+        view = StepView(
+            student_out, teacher_out, labels, epoch, epoch_progress, indices,
+            self._student_taps.output, teacher_raw,
+        )
         parts: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
         for wt in terms:

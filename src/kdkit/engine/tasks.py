@@ -1,7 +1,8 @@
 """What differs between tasks: training augmentation, evaluation, and the headline metric.
 
 The trainer holds one task object and never branches on the task itself. Classification batches
-are ``(images, class ids)``; segmentation batches are ``(images, masks)`` with ignore index 255.
+are ``(images, class ids)``; segmentation batches are ``(images, masks)`` with ignore index 255;
+detection batches are ``(images, targets [B, M, 5])`` (``x1, y1, x2, y2, class``, class -1 = padding).
 """
 
 from __future__ import annotations
@@ -14,16 +15,23 @@ from torch import Tensor, nn
 
 from ..config import AugmentConfig, EvalConfig
 from ..data.augment import BatchAugment
+from ..data.det_augment import DetectionAugment
 from ..data.seg_augment import SegmentationAugment
 from ..errors import KdkitError
 from .batches import Batches
+from .detmetrics import evaluate_detection
 from .evaluate import evaluate, evaluate_segmentation
 
 Augmenter = Callable[..., tuple[Tensor, Tensor]]
 
 # ``miou`` is the dataset mIoU (one confusion matrix over all images); ``miou_per_image`` the mean of
 # per-image mIoUs (Spirit Distillation Eq. 5). Labels keep them apart wherever a figure is printed.
-METRIC_LABELS = {"top1": "top-1 (%)", "miou": "mIoU (%)", "miou_per_image": "per-image mIoU (%, Eq. 5)"}
+METRIC_LABELS = {
+    "top1": "top-1 (%)",
+    "miou": "mIoU (%)",
+    "miou_per_image": "per-image mIoU (%, Eq. 5)",
+    "map": "mAP (%)",
+}
 
 
 class ClassificationTask:
@@ -45,6 +53,9 @@ class ClassificationTask:
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
     ) -> dict[str, Any]:
         return evaluate(model, batches, prepare, self.num_classes, device, precision)
+
+    def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Raise when the models cannot be trained together on this task. Default: nothing to check."""
 
 
 class SegmentationTask(ClassificationTask):
@@ -84,7 +95,49 @@ class SegmentationTask(ClassificationTask):
         )
 
 
-def build_task(name: str, dataset: Any, evaluation: EvalConfig | None = None) -> ClassificationTask:
+class DetectionTask(ClassificationTask):
+    """Detection: :class:`~kdkit.data.det_augment.DetectionAugment` (boxes move with the image, boxes that
+    leave it are dropped) and COCO mAP (:func:`~kdkit.engine.detmetrics.evaluate_detection`); the models
+    are :class:`~kdkit.models.detection.base.Detector` s. ``size``: the training/evaluation input size
+    (the augment section's ``crop``) that differently sized images are letterboxed to."""
+
+    name = "detection"
+    metric = "map"
+
+    def __init__(
+        self,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(num_classes, mean, std)
+        self.size = tuple(size) if size is not None else None
+
+    def augmenter(self, config: AugmentConfig) -> Augmenter:
+        crop = tuple(config.crop) if config.crop is not None else self.size
+        augment = DetectionAugment(crop, config.scale, config.flip, self.mean, self.std)
+
+        def apply(images, targets, gen: torch.Generator, total: int, start: int):
+            return augment(images, targets, gen, total=total, start=start)
+
+        return apply
+
+    def evaluate(
+        self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
+    ) -> dict[str, Any]:
+        return evaluate_detection(model, batches, prepare, device, precision, self.size)
+
+    def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Both must be detectors and agree on the input resolution (their internal transforms')."""
+        from ..models.detection.base import check_input_sizes
+
+        check_input_sizes(student, teacher, self.size)
+
+
+def build_task(
+    name: str, dataset: Any, evaluation: EvalConfig | None = None, size: Sequence[int] | None = None
+) -> ClassificationTask:
     """The task object for a run, checking that the dataset provides that task's labels."""
     kind = getattr(dataset, "task", "classification")
     if kind != name:
@@ -96,4 +149,6 @@ def build_task(name: str, dataset: Any, evaluation: EvalConfig | None = None) ->
         return SegmentationTask(
             dataset.num_classes, dataset.mean, dataset.std, evaluation, getattr(dataset, "ignore_index", 255)
         )
+    if name == "detection":
+        return DetectionTask(dataset.num_classes, dataset.mean, dataset.std, size)
     return ClassificationTask(dataset.num_classes, dataset.mean, dataset.std)

@@ -19,6 +19,7 @@ from ..errors import KdkitError
 from ..registry import MODELS, did_you_mean
 from . import (  # noqa: F401  (they register)
     cifar_resnet,
+    detection,
     mobilenetv2,
     seg_compact,
     seg_resnet,

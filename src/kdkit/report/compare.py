@@ -21,7 +21,11 @@ from ..errors import KdkitError
 from .runreport import markdown_table
 
 SEED_SUFFIX = re.compile(r"[-_](seed|s)\d+$")
-SEGMENTATION_EXTRAS = {"miou_var": "last mIoU var (1e-3)", "hp_acc": "last HP-Acc (%)"}
+TABLE_EXTRAS = {
+    "miou": {"miou_var": "last mIoU var (1e-3)", "hp_acc": "last HP-Acc (%)"},
+    "map": {"map_50": "last mAP50 (%)", "map_75": "last mAP75 (%)"},
+}
+"""Per headline metric: the further columns of a comparison table (last evaluation, mean ± std)."""
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def compare_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
         metric = summaries[0].get("metric", "top1")
         row: dict[str, Any] = {"label": label, "seeds": len(runs), "metric": metric}
         keys = [f"best_{metric}", f"last_{metric}", "best_epoch", "last_epoch", f"teacher_{metric}"]
-        keys += [f"last_{extra}" for extra in SEGMENTATION_EXTRAS if metric == "miou"]
+        keys += [f"last_{extra}" for extra in TABLE_EXTRAS.get(metric, {})]
         for key in keys:
             values = [s[key] for s in summaries if key in s]
             if values:
@@ -143,7 +147,8 @@ def comparison_tables(rows: list[dict[str, Any]]) -> str:
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of :func:`compare_runs` rows of one metric (segmentation adds variance and
-    HP-Acc columns); rows of several metrics are refused (see :func:`comparison_tables`)."""
+    HP-Acc columns, detection mAP50 and mAP75); rows of several metrics are refused (see
+    :func:`comparison_tables`)."""
     metric = rows[0]["metric"] if rows else "top1"
     others = sorted({r["metric"] for r in rows} - {metric})
     if others:
@@ -152,7 +157,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             "use comparison_tables (one table per metric)"
         )
     label = METRIC_LABELS[metric]
-    extras = SEGMENTATION_EXTRAS if metric == "miou" else {}
+    extras = TABLE_EXTRAS.get(metric, {})
     header = ["run", "seeds", f"best {label}", f"last {label}", *extras.values()]
     header += ["best epoch", "last epoch", f"teacher {label}"]
     body = [

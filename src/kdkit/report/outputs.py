@@ -60,6 +60,7 @@ class RunOutputs(Callback):
             plots.append(run_dir / PREVIEW)
         plots += self._refiner_plots(trainer)
         plots += self._dam_plots(trainer)
+        plots.append(self._detection_plot(trainer, role))
         evals = [r for r in trainer.history if r["kind"] == "eval"]
         if evals and "image_miou" in evals[-1]:
             threshold = trainer.task.evaluation.hp_threshold
@@ -89,6 +90,31 @@ class RunOutputs(Callback):
         finally:
             trainer._train_mode()
         return paths
+
+    @staticmethod
+    @torch.no_grad()
+    def _detection_plot(trainer, role: str) -> Path | None:
+        """A detector's boxes on 6 test images (``detections.png``), ground truth above its predictions."""
+        model = trainer.distiller.student
+        data = trainer.stages[0].eval_data
+        if not callable(getattr(model, "detect", None)) or not len(data):
+            return None
+        from ..data.det_base import unpad
+        from .boxes import detection_grid
+
+        items = [data[i] for i in range(min(6, len(data)))]
+        if any(image.shape != items[0][0].shape for image, _ in items):
+            items = [item for item in items if item[0].shape == items[0][0].shape]
+        images = torch.stack([image for image, _ in items])
+        model.eval()
+        try:
+            found = model.detect(model(trainer.prepare_eval(images)))
+        finally:
+            trainer._train_mode()
+        found = [{k: v.cpu() for k, v in det.items()} for det in found]
+        classes = list(getattr(data, "classes", [])) or [str(i) for i in range(trainer.task.num_classes)]
+        path = trainer.run_dir / "detections.png"
+        return detection_grid(images, found, [unpad(t) for _, t in items], classes, path)
 
     @staticmethod
     def _refiner_plots(trainer) -> list[Path | None]:

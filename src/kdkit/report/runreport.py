@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ..engine.checkpoint import atomic_write_text
+from ..engine.summary import EXTRAS
 from ..engine.tasks import METRIC_LABELS
 
 
@@ -68,14 +69,15 @@ def describe_augment(augment: dict[str, Any], task: str = "classification") -> s
     """The training augmentation of a resolved ``data.augment`` in words, e.g. ``random crop (zero
     padding 4) + horizontal flip``; ``none`` when nothing is random."""
     parts = []
-    if task == "segmentation":
+    if task in ("segmentation", "detection"):
+        padded = "mask padded with 255" if task == "segmentation" else "boxes moved, those leaving it dropped"
         low, high = augment.get("scale", (1.0, 1.0))
         if (low, high) != (1.0, 1.0):
             parts.append(f"random rescale {low:g}-{high:g}")
         if augment.get("crop"):
-            parts.append(f"random crop {augment['crop'][0]}x{augment['crop'][1]} (mask padded with 255)")
+            parts.append(f"random crop {augment['crop'][0]}x{augment['crop'][1]} ({padded})")
         elif (low, high) != (1.0, 1.0):
-            parts.append("random crop to the image size (mask padded with 255)")
+            parts.append(f"random crop to the image size ({padded})")
     elif augment.get("crop_padding", 0) > 0:
         parts.append(f"random crop (zero padding {augment['crop_padding']})")
     if augment.get("flip", False):
@@ -122,9 +124,7 @@ def write_run_report(
     teacher = config.get("teacher") or {}
     model = (config.get("student") or {}).get("name", "?")
     metric = summary.get("metric", "top1")
-    extras = {"top5": "top-5 (%)"} if metric == "top1" else {
-        "pixel_acc": "pixel acc (%)", "miou_var": "mIoU var (1e-3)", "hp_acc": "HP-Acc (%)"
-    }
+    extras = {k: v for k, v in EXTRAS.get(metric, {}).items() if f"last_{k}" in summary}
     rows = []
     if f"teacher_{metric}" in summary:
         rows.append(["teacher", teacher.get("name", "?"), f"{summary[f'teacher_{metric}']:.2f}", ""])

@@ -7,6 +7,14 @@ inputs from a :class:`StepView`; the constructor's keyword arguments are the ter
 from .base import LOGITS, StepView, Term
 from .contrastive import CRD, nce_loss
 from .dam import DAM
+from .dense_kd import (
+    DenseKD,
+    binary_kd_loss,
+    dense_box_loss,
+    softmax_kd_loss,
+    teacher_confidence,
+)
+from .detection import PKD, Det, Mimic, mimic_loss, pkd_loss, pkd_normalize
 from .features import (
     AT,
     RKD,
@@ -20,6 +28,15 @@ from .features import (
     rkd_distances,
     rkd_loss,
     sp_loss,
+)
+from .fgd import (  # noqa: F401 (registers 'fgd')
+    FGD,
+    GcBlock,
+    fgd_attention,
+    fgd_focal_loss,
+    fgd_focal_parts,
+    fgd_global_loss,
+    fgd_masks,
 )
 from .logits import (
     CE,
@@ -54,6 +71,17 @@ __all__ = [
     "CRD",
     "CWD",
     "DAM",
+    "PKD",
+    "Det",
+    "DenseKD",
+    "Mimic",
+    "binary_kd_loss",
+    "dense_box_loss",
+    "mimic_loss",
+    "pkd_loss",
+    "pkd_normalize",
+    "softmax_kd_loss",
+    "teacher_confidence",
     "DIST",
     "DKD",
     "DKDLS",

@@ -12,7 +12,7 @@ key is a module path of the network, ``"path"`` meaning the module's output and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,9 @@ class StepView:
     warm-ups use: 0.0 at the first step of a stage. ``indices`` are the dataset indices of the
     batch's samples on this process (repeated for the copies a data refiner appends, e.g. TST's
     ``[x; x_hat]``), for terms that keep a memory per sample (CRD's memory bank); ``None`` outside
-    training.
+    training. ``student_output`` / ``teacher_output`` are the models' raw outputs of the step (a
+    detector's dict of head outputs, which its own ``losses`` and the dense-head terms read); for
+    detection ``labels`` are the targets ``[B, M, 5]`` (``x1, y1, x2, y2, class``, class -1 = padding).
     """
 
     student: dict[str, Tensor]
@@ -40,6 +42,8 @@ class StepView:
     epoch: int = 0
     epoch_progress: float = 0.0
     indices: Tensor | None = None
+    student_output: Any = None
+    teacher_output: Any = None
 
     @property
     def student_logits(self) -> Tensor:

@@ -121,23 +121,29 @@ def _write_split(style_dir: Path, split: str, images: Array, masks: Array) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _names(value: str | Sequence[str], choices: dict, what: str) -> list[str]:
+def check_names(
+    value: str | Sequence[str], choices: dict, what: str, dataset: str = "road_scenes"
+) -> list[str]:
+    """``value`` (one name or several) as a list of known ``choices`` (cities, styles); one-line errors."""
     names = [value] if isinstance(value, str) else list(value)
     if not names:
-        raise KdkitError(f"road_scenes needs at least one {what} (available: {', '.join(choices)})")
+        raise KdkitError(f"{dataset} needs at least one {what} (available: {', '.join(choices)})")
     for name in names:
         if name not in choices:
-            raise KdkitError(f"road_scenes has no {what} '{name}'{did_you_mean(str(name), list(choices))}")
+            raise KdkitError(f"{dataset} has no {what} '{name}'{did_you_mean(str(name), list(choices))}")
     return names
 
 
-def _check_sizes(image_size: int | Sequence[int], train_size: int, test_size: int) -> tuple[int, int]:
+def check_sizes(
+    image_size: int | Sequence[int], train_size: int, test_size: int, dataset: str = "road_scenes"
+) -> tuple[int, int]:
+    """``(height, width)`` of ``image_size`` after checking it and the split sizes; one-line errors."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and 16 <= s <= 1024 for s in size):
-        raise KdkitError(f"road_scenes image_size must be (height, width) in 16..1024, got {image_size!r}")
+        raise KdkitError(f"{dataset} image_size must be (height, width) in 16..1024, got {image_size!r}")
     for name, value in (("train_size", train_size), ("test_size", test_size)):
         if not isinstance(value, int) or value < 1:
-            raise KdkitError(f"road_scenes {name} must be a positive integer, got {value!r}")
+            raise KdkitError(f"{dataset} {name} must be a positive integer, got {value!r}")
     return int(size[0]), int(size[1])
 
 
@@ -163,8 +169,8 @@ def road_scenes(
     ``labeled=False`` sets every mask pixel to ``IGNORE_INDEX`` (unlabelled domains).
     """
     check_split(split, list(SPLIT_IDS), "road_scenes")
-    cities, styles = _names(city, CITIES, "city"), _names(styles, STYLES, "style")
-    size = _check_sizes(image_size, train_size, test_size)
+    cities, styles = check_names(city, CITIES, "city"), check_names(styles, STYLES, "style")
+    size = check_sizes(image_size, train_size, test_size)
     params = dict(train_size=train_size, test_size=test_size, image_size=list(size), seed=seed)
     base = versioned_dir(generated_root(root, "road_scenes", "segmentation_folder"), VERSION, **params)
     images, masks = [], []

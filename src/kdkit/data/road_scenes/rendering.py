@@ -9,6 +9,8 @@ from .layout import (
     BATCH,
     BUILDING,
     CAR,
+    CAR_ROWS,
+    CARS_PER_ROW,
     HEDGES,
     M_CURB,
     M_LEAVES,
@@ -20,12 +22,15 @@ from .layout import (
     M_TERRAIN,
     OBJECT_FAR,
     PERSON,
+    PERSONS,
     POLE,
+    POLES,
     ROAD,
     SEGMENTS,
     SIDEWALK,
     SIGN,
     SIGN_KINDS,
+    SIGNS,
     SKY,
     SKY_DEPTH,
     TERRAIN,
@@ -38,6 +43,15 @@ M_FACADE = 8  # + side * SEGMENTS + segment; glass follows the facades
 MAT_CLASS = np.array(
     [SKY, ROAD, ROAD, ROAD, SIDEWALK, SIDEWALK, TERRAIN, VEGETATION] + [BUILDING] * 4 * SEGMENTS, np.uint8
 )
+# Instance ids of the objects (per item; 0: background or a tree), in blocks by kind and slot:
+# cars, persons, pole shafts (with lamp arms), sign-post shafts, signs on poles, signs on posts.
+_BLOCKS = (
+    ("car", CAR, CAR_ROWS * CARS_PER_ROW), ("person", PERSON, PERSONS), ("pole", POLE, POLES),
+    ("post", POLE, SIGNS), ("pole_sign", SIGN, POLES), ("post_sign", SIGN, SIGNS),
+)  # fmt: skip
+INSTANCE_BASE = dict(zip([b[0] for b in _BLOCKS], 1 + np.cumsum([0] + [b[2] for b in _BLOCKS[:-1]])))
+INSTANCE_CLASS = np.array([255] + [cls for _, cls, n in _BLOCKS for _ in range(n)], np.uint8)
+"""Class of each instance id (255 for id 0): the mask label of every pixel that shows the instance."""
 WARM = np.array([1.0, 0.8, 0.45], np.float32)  # lamp and window light
 F32 = np.float32
 
@@ -186,7 +200,8 @@ def _sky(c: dict[str, Array], size: tuple[int, int]) -> Array:
 # Objects of one kind are evaluated together on the flat list of grid samples inside their screen
 # boxes, then every object sample is z-buffered into the grid in one pass.
 
-Layer = tuple[Array, Array, Array, Array, Array, Array, Array]  # item, row, col, depth, label, colour, glow
+Layer = tuple[Array, Array, Array, Array, Array, Array, Array, Array]
+# item, row, col, depth, label, colour, glow, instance id
 SIGN_SHAPES = ("circle", "triangle", "square", "diamond")
 SIGN_SHAPE = np.array([SIGN_SHAPES.index(k[0]) for k in SIGN_KINDS])
 SIGN_RIM, SIGN_FACE = (np.array([k[i] for k in SIGN_KINDS], F32) for i in (1, 2))
@@ -198,7 +213,7 @@ def _instances(c: dict[str, Array], kind: str) -> dict[str, Array]:
     on = c[kind + "_on"] & (c[kind + "_z"] > 2.5) & (c[kind + "_z"] < OBJECT_FAR)
     item, slot = np.nonzero(on)
     o = {k[len(kind) + 1 :]: c[k][item, slot] for k in c if k.startswith(kind + "_")}
-    return {**o, "item": item, **{k: c[k][item] for k in ("f", "cx", "yh", "ch")}}
+    return {**o, "item": item, "slot": slot, **{k: c[k][item] for k in ("f", "cx", "yh", "ch")}}
 
 
 def _subset(o: dict[str, Array], keep: Array) -> dict[str, Array]:
@@ -241,6 +256,7 @@ def _layer(
     count = int(keep.sum())
     shine = np.zeros(count, F32) if glow is None else glow[keep].astype(F32)
     label = np.full(count, cls, np.uint8)
+    ids = o["inst"][obj[keep]].astype(np.uint8) if "inst" in o else np.zeros(count, np.uint8)
     return (
         o["item"][obj[keep]],
         iy[keep],
@@ -249,6 +265,7 @@ def _layer(
         label,
         colour[keep].astype(F32),
         shine,
+        ids,
     )
 
 
@@ -393,12 +410,19 @@ def _trees(o: dict[str, Array], hs: int, ws: int) -> list[Layer]:
     return [trunks, _layer(o, obj, iy, ix, crown, o["z"][obj], VEGETATION, colour)]
 
 
-def _draw_objects(c: dict[str, Array], img: Array, lab: Array, dep: Array, glow: Array) -> None:
-    """Cars, persons, poles, signs and trees, z-buffered into the grids (in place)."""
+def _draw_objects(
+    c: dict[str, Array], img: Array, lab: Array, dep: Array, glow: Array, ids: Array | None = None
+) -> None:
+    """Cars, persons, poles, signs and trees, z-buffered into the grids (in place); ``ids`` (uint8 like
+    ``lab``) receives the instance id (:data:`INSTANCE_CLASS`) of the front-most object sample."""
     hs, ws = lab.shape[1:]
     cars, poles, posts = _instances(c, "car"), _instances(c, "pole"), _instances(c, "sign")
+    persons = _instances(c, "person")
+    base = INSTANCE_BASE
+    cars["inst"], persons["inst"] = base["car"] + cars["slot"], base["person"] + persons["slot"]
     shafts = {k: np.concatenate([poles[k], posts[k]]) for k in ("item", "f", "cx", "yh", "ch", "x", "z")}
     shafts.update(
+        inst=np.concatenate([base["pole"] + poles["slot"], base["post"] + posts["slot"]]),
         h=np.concatenate([poles["h"], posts["v"]]),
         r=np.concatenate([poles["r"], np.full(len(posts["v"]), 0.04)]),
         arm=np.concatenate([poles["arm"], np.zeros(len(posts["v"]))]),
@@ -409,16 +433,17 @@ def _draw_objects(c: dict[str, Array], img: Array, lab: Array, dep: Array, glow:
         k: np.concatenate([signed[k], posts[k]])
         for k in ("item", "f", "cx", "yh", "ch", "x", "z", "kind", "size")
     }
+    plates["inst"] = np.concatenate([base["pole_sign"] + signed["slot"], base["post_sign"] + posts["slot"]])
     plates["v"] = np.concatenate([signed["sign_v"], posts["v"]])
     layers = [
         _car_rears(cars, hs, ws),
         _car_sides(cars, hs, ws),
-        _persons(_instances(c, "person"), hs, ws),
+        _persons(persons, hs, ws),
         *_poles(shafts, hs, ws),
         _signs(plates, hs, ws),
         *_trees(_instances(c, "tree"), hs, ws),
     ]
-    item, iy, ix, depth, label, colour, shine = (np.concatenate(a) for a in zip(*layers))
+    item, iy, ix, depth, label, colour, shine, instance = (np.concatenate(a) for a in zip(*layers))
     key = (item * hs + iy) * ws + ix
     flat = dep.reshape(-1)
     np.minimum.at(flat, key, depth)
@@ -426,6 +451,8 @@ def _draw_objects(c: dict[str, Array], img: Array, lab: Array, dep: Array, glow:
     key = key[win]
     lab.reshape(-1)[key] = label[win]
     glow.reshape(-1)[key] = shine[win]
+    if ids is not None:
+        ids.reshape(-1)[key] = instance[win]
     key = key + item[win] * (2 * hs * ws)  # channel-first colour
     for k in range(3):
         img.reshape(-1)[key + k * hs * ws] = colour[win, k]
@@ -454,12 +481,14 @@ def _tent(a: Array, axis: int = 1) -> Array:
 def _render_batch(c: dict[str, Array], size: tuple[int, int]) -> dict[str, Array]:
     """A few items on the half-pixel grid, reduced to pixels."""
     img, lab, dep, glow = _background(c, size)
-    _draw_objects(c, img, lab, dep, glow)
+    ids = np.zeros(lab.shape, np.uint8)
+    _draw_objects(c, img, lab, dep, glow, ids)
     mask = lab[:, 1::2, 1::2]
     sky = _tent((lab == SKY).astype(F32))
     return {
         "day": (_tent(img, 2) + sky[:, None] * _sky(c, size)).transpose(0, 2, 3, 1),
         "mask": mask,
+        "instance": ids[:, 1::2, 1::2],  # instance ids at the pixel centres, like the mask
         "depth": _tent(np.minimum(dep, F32(300))),  # metres
         "emission": glow[:, 1::2, 1::2, None]
         * np.where((mask == BUILDING)[..., None], WARM, img[:, :, 1::2, 1::2].transpose(0, 2, 3, 1)),
@@ -469,7 +498,8 @@ def _render_batch(c: dict[str, Array], size: tuple[int, int]) -> dict[str, Array
 
 
 def render_content(c: dict[str, Array], size: tuple[int, int]) -> dict[str, Array]:
-    """The day image ``[N,H,W,3]`` in [0,1], the mask, and the per-pixel maps the styles use."""
+    """The day image ``[N,H,W,3]`` in [0,1], the mask, the instance ids of the objects (uint8 ``[N,H,W]``,
+    see :data:`INSTANCE_CLASS`) and the per-pixel maps the styles use."""
     n = len(c["f"])
     parts = [_render_batch({k: v[a : a + BATCH] for k, v in c.items()}, size) for a in range(0, n, BATCH)]
     scene = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -17,10 +17,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import demo, demo_segmentation
-from .api import evaluate_styles, train_from_config
-from .config import _read_yaml, load_config
-from .demo import (
+from ..api import evaluate_styles, train_from_config
+from ..config import _read_yaml, load_config
+from ..engine.tasks import METRIC_LABELS
+from ..report.plots import plot_style_comparison
+from ..report.runreport import markdown_table
+from . import classification, segmentation
+from .common import (
     _link,
     data_sizes,
     prepare_teacher,
@@ -28,9 +31,6 @@ from .demo import (
     teacher_warning,
     write_report,
 )
-from .engine.tasks import METRIC_LABELS
-from .report.plots import plot_style_comparison
-from .report.runreport import markdown_table
 
 STYLES = ("day", "dusk", "night", "fog", "rain", "snow")
 QUICK_NOTE = [
@@ -53,17 +53,17 @@ DEMOS = {
     "classification": StyleDemo(
         "demo/teacher.yaml",
         {"kd": ("demo_style/kd.yaml", "KD"), "kd-style": ("demo_style/kd_style.yaml", "KD + style")},
-        tuple(demo.QUICK),
-        tuple(demo.QUICK_TEACHER),
+        tuple(classification.QUICK),
+        tuple(classification.QUICK_TEACHER),
         (),
         "embedded shapes (day, {train_size} training images); teacher ResNet-20, students ResNet-8",
     ),
     "segmentation": StyleDemo(
         "demo_segmentation/teacher.yaml",
         {"kd": ("demo_style/seg_kd.yaml", "KD"), "kd-style": ("demo_style/seg_kd_style.yaml", "KD + style")},
-        tuple(demo_segmentation.QUICK),
-        tuple(demo_segmentation.QUICK_RUN["teacher"]),
-        tuple(demo_segmentation.QUICK_RUN["single"]),
+        tuple(segmentation.QUICK),
+        tuple(segmentation.QUICK_RUN["teacher"]),
+        tuple(segmentation.QUICK_RUN["single"]),
         "road scenes of the target city (day, {train_size} labelled images); teacher mini DeepLabV3 "
         "trained on the source city (day), students mini DeepLabV3 x0.3",
     ),

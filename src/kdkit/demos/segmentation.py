@@ -16,19 +16,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .api import profile_model, train_from_config
-from .config import _read_yaml, load_config
-from .demo import (
+from ..api import train_from_config
+from ..config import _read_yaml, load_config
+from ..report.compare import compare_runs, comparison_table
+from ..report.histogram import plot_miou_histogram
+from ..report.plots import plot_comparison, plot_curves
+from .common import (
     data_sizes,
+    model_costs,
     prepare_teacher,
     preset,
     teacher_warning,
     write_report,
 )
-from .report.compare import compare_runs, comparison_table
-from .report.histogram import plot_miou_histogram
-from .report.plots import plot_comparison, plot_curves
-from .report.runreport import markdown_table
 
 ESD_RATIOS = (1.0, 0.5, 0.0)
 
@@ -126,28 +126,6 @@ def _final_image_miou(run_dir: Path) -> list[float]:
     return [v for v in evals[-1]["image_miou"] if v is not None]
 
 
-def _model_costs(run_dirs: dict[str, Path]) -> str:
-    """Params, FLOPs and CPU latency of each exported network of the demo (one image)."""
-    rows, seen = [], set()
-    for key, run_dir in run_dirs.items():
-        spec = json.loads((run_dir / "student.json").read_text())
-        name = f"{spec['model']} {json.dumps(spec.get('kwargs', {}), sort_keys=True)}"
-        if name in seen:
-            continue
-        seen.add(name)
-        cost = profile_model(run_dir / "student.safetensors")
-        rows.append(
-            [
-                key,
-                f"`{spec['model']}`",
-                f"{cost['params_m']:.3f}",
-                f"{cost['gflops']:.3f}",
-                f"{cost['latency_ms']:.1f}",
-            ]
-        )
-    return markdown_table(["run", "network", "params (M)", "GFLOPs", "latency (ms, batch 1)"], rows)
-
-
 def write_segmentation_report(
     out: Path, run_dirs: dict[str, Path], labels: dict[str, str], quick: bool, warning: str | None = None
 ) -> Path:
@@ -192,7 +170,7 @@ def write_segmentation_report(
         *([] if warning else gains),
         *(QUICK_NOTE if quick else []),
         "",
-        _model_costs(run_dirs),
+        model_costs(run_dirs),
         "",
         "![comparison](comparison.png)",
         "",

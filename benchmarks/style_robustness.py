@@ -13,7 +13,8 @@ from pathlib import Path
 
 from _results import RESULTS, write_table
 
-from kdkit.demo_style import DEMOS, STYLES, run_style_demo, style_results
+from kdkit.demos.common import data_sizes
+from kdkit.demos.style import DEMOS, STYLES, run_style_demo, style_results
 from kdkit.report.runreport import markdown_table
 
 
@@ -47,8 +48,9 @@ def main() -> None:
         mean_gain = statistics.fmean(
             b[s] - a[s] for a, b in zip(results["kd"], results["kd-style"]) for s in unseen
         )
+        train_size = data_sizes(out / f"kd-seed{args.seeds[0]}")[0]
         lines += [
-            f"## {task}: {DEMOS[task].data}",
+            f"## {task}: {DEMOS[task].data.format(train_size=train_size)}",
             "",
             markdown_table(["style", *[f"{label} {metric}" for _, label in runs.values()], "gain"], rows),
             "",

@@ -3,6 +3,7 @@ that reach the terms."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -199,3 +200,39 @@ def test_detection_two_processes_match_one_process(tmp_path):
     running = [k for k in sa if k.endswith("running_var")]
     rdiff = max(float(((sa[k] - sb[k]).abs() / sa[k].abs().clamp_min(1e-3)).max()) for k in running)
     assert wdiff <= DET_WEIGHT_ATOL and rdiff <= DET_RUNNING_RTOL, (wdiff, rdiff)
+
+
+def test_sokd_on_detection_refines_the_fpn_levels(tmp_path, monkeypatch):
+    """The mimic + SoKD preset on the compact pair: DAFA refines the teacher's three FPN levels towards
+    mimic's connected student levels and DAM finds areas on the middle level; a short run trains and
+    writes the DAM and policy plots."""
+    from kdkit.api import train_from_config
+    from kdkit.config import load_config
+    from kdkit.demos.common import preset
+    from kdkit.models import build_model, save_weights
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    teacher = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_model("det_compact_teacher", num_classes=3), teacher)
+    overrides = [
+        f"teacher.weights={teacher}",
+        "data.params.train_size=16",
+        "data.params.test_size=8",
+        "data.params.image_size=[64,128]",
+        "data.augment.crop=[64,128]",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "stages.0.epochs=1",
+        "stages.0.eval_every=1",
+        "runtime.progress=false",
+    ]
+    config = load_config(preset("demo_detection/mimic_sokd.yaml"), overrides)
+    summary = train_from_config(config, run_dir=tmp_path / "run")
+    assert summary["metric"] == "map"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    refined = [r for r in records if r["kind"] == "refiner"]
+    assert len(refined) == 2  # one DAFA update before each of the 2 student steps of the search epoch
+    assert (tmp_path / "run" / "dam_levels.p4.png").is_file() and (
+        tmp_path / "run" / "refiner_dafa.png"
+    ).is_file()

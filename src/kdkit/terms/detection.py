@@ -333,6 +333,15 @@ class _LevelTerm(_FpnLevels):
             teachers.append(teacher)
         return students, teachers
 
+    def teacher_space_taps(self) -> list[str]:
+        return list(self.teacher_keys or [])
+
+    def teacher_space(self, view: StepView) -> dict[str, Tensor]:
+        """The connected (and resized) student levels by teacher tap: the targets SoKD's DAFA pulls the
+        refined teacher levels towards (Eq. 14), as FitNet's connector output on classification."""
+        students, _ = self._pairs(view)
+        return dict(zip(self.teacher_keys, students, strict=True))
+
     def forward(self, view: StepView) -> Tensor:
         students, teachers = self._pairs(view)
         per_level = [self.level_loss([s], [t]) for s, t in zip(students, teachers)]

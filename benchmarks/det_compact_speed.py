@@ -6,6 +6,7 @@ throughput: forward + the detector's own losses + backward + an SGD step on batc
 throughputs: wall clock (what this machine gave, shared or not) and images per CPU-second of this
 process times ``--threads`` (what as many free cores would give at perfect thread scaling; an
 estimate that other processes on the cores disturb much less).
+Writes benchmarks/results/det_compact_speed.md (with the student/teacher speed ratio of the same run).
 Run:  python benchmarks/det_compact_speed.py [--batch 16] [--steps 10] [--threads 2]
 """
 
@@ -16,6 +17,7 @@ import os
 import time
 
 import torch
+from _results import RESULTS, write_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdkit.models import build_model
@@ -62,13 +64,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.threads} threads")
     free = f"images/s ({args.threads} free cores)"
-    print(f"| model | params (M) | GFLOPs @128x256 | train images/s (wall) | {free} |")
-    print("| --- | --- | --- | --- | --- |")
+    lines = [
+        "# Compact detector pair: size and CPU training speed",
+        "",
+        f"`python benchmarks/det_compact_speed.py --batch {args.batch} --steps {args.steps} --threads "
+        f"{args.threads}`: fp32, random 128x256 images with 4 boxes each, forward + losses + backward + SGD;",
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start (shared cores).",
+        "",
+        f"| model | params (M) | GFLOPs @128x256 | train images/s (wall) | {free} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    speeds = {}
     for name in ("det_compact_teacher", "det_compact_student"):
         params, gflops, wall, cpu = measure(name, args.batch, args.steps, args.threads)
-        print(f"| {name} | {params:.3f} | {gflops:.3f} | {wall:.1f} | {cpu:.1f} |")
+        speeds[name] = cpu
+        lines.append(f"| {name} | {params:.3f} | {gflops:.3f} | {wall:.1f} | {cpu:.1f} |")
+    ratio = speeds["det_compact_student"] / speeds["det_compact_teacher"]
+    lines += ["", f"Student / teacher training speed (per CPU-second, same run): {ratio:.2f}x.", ""]
+    write_table(RESULTS / "det_compact_speed.md", lines)
 
 
 if __name__ == "__main__":

@@ -336,3 +336,15 @@ def test_detectors_are_registered_with_sizes() -> None:
         assert name in MODELS
     entry = {e.name: e.description for e in MODELS.entries()}
     assert "GFLOPs at 128x256" in entry["det_compact_teacher"] and "M params" in entry["det_compact_student"]
+
+
+def test_torchvision_detector_names_build_kdkit_wrappers():
+    """``torchvision:<detector>`` builds the zoo wrapper (a Detector); an unwrapped detector is named."""
+    from kdkit.errors import KdkitError
+    from kdkit.models import build_model
+    from kdkit.models.detection import Detector
+
+    model = build_model("torchvision:fcos_resnet50_fpn", num_classes=3)
+    assert isinstance(model, Detector) and model.num_classes == 3
+    with pytest.raises(KdkitError, match="no kdkit wrapper; wrapped: .*fcos_resnet50_fpn"):
+        build_model("torchvision:keypointrcnn_resnet50_fpn", num_classes=3)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import KdkitError
-from ..registry import did_you_mean
+from ..registry import MODELS, did_you_mean
 from ..taps import module_shapes
 from .seg_torchvision import build_segmentation, segmentation_names
 
@@ -59,11 +59,19 @@ def _torchvision(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Modu
             f"install the torchvision release built for torch {torch.__version__}"
         ) from err
     segmentation = segmentation_names()
-    names = torchvision.models.list_models(module=torchvision.models) + segmentation
+    detection = torchvision.models.list_models(module=torchvision.models.detection)
+    names = torchvision.models.list_models(module=torchvision.models) + segmentation + detection
     if name not in names:
         raise KdkitError(f"unknown torchvision model '{name}'{did_you_mean(name, names)}")
     if name in segmentation:
         return build_segmentation(name, num_classes, kwargs)
+    if name in detection:  # detectors go through kdkit's wrappers (the Detector contract)
+        if name not in MODELS:
+            wrapped = sorted(n for n in detection if n in MODELS)
+            raise KdkitError(
+                f"torchvision detector '{name}' has no kdkit wrapper; wrapped: {', '.join(wrapped)}"
+            )
+        return MODELS.build(name, num_classes=num_classes, **kwargs)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     linears = [
         path

@@ -13,6 +13,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class InputConfig(Strict):
+    """The input a teacher expects when it differs from the data's: per-channel ``mean``/``std`` of its
+    normalisation (of [0, 1] pixels) and its input ``size``; unset fields keep the data's."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    size: tuple[int, int] | None = Field(None, description="[H, W] the teacher's input is resized to")
+
+
 class ModelConfig(Strict):
     """A network: a registered zoo name, ``torchvision:<name>`` or ``timm:<name>``."""
 
@@ -20,6 +29,9 @@ class ModelConfig(Strict):
     weights: Path | None = None
     num_classes: int | None = Field(None, description="default: the dataset's number of classes")
     kwargs: dict[str, Any] = {}
+    input: InputConfig | None = Field(
+        None, description="teacher: its own normalisation/resolution (kdkit.engine.teacher_input)"
+    )
 
 
 class AugmentConfig(Strict):
@@ -212,6 +224,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _refiner_stages(self) -> RunConfig:
+        if self.student.input is not None:
+            raise ValueError("student.input: the student takes the data's input; only a teacher has its own")
         names = [stage.name for stage in self.stages]
         for i, refiner in enumerate(self.refiners):
             for name in refiner.stages or []:

@@ -30,6 +30,7 @@ from .evaluate import resolve_precision
 from .refining import Refining
 from .stages import Stage
 from .tasks import build_task
+from .teacher_input import attach_teacher_input
 from .trainer import Trainer
 
 
@@ -210,6 +211,7 @@ def build_run(
         teacher = modules.get("teacher") or build_network(config.teacher, num_classes, "teacher")
         if "teacher" in modules and config.teacher.weights is not None:
             load_weights(teacher, config.teacher.weights)
+        attach_teacher_input(teacher, first.mean, first.std, config.teacher.weights, config.teacher.input)
     task.check_models(student, teacher)
     stage_terms = [
         build_terms(config.stage_terms(s), f"stages[{i}].terms") for i, s in enumerate(config.stages)

@@ -67,6 +67,9 @@ class RunOutputs(Callback):
             series = {f"{role} (last evaluation)": evals[-1]["image_miou"]}
             plots.append(plot_miou_histogram(series, run_dir / "image_miou.png", threshold))
         notes = [line for slot in trainer.refining.slots for line in slot.refiner.report()]
+        adapter = getattr(trainer.distiller.teacher, "kdkit_input", None)
+        if adapter is not None:
+            notes.insert(0, f"- {adapter.describe()}")
         plots = [p for p in plots if p is not None]
         write_run_report(trainer.run_dir, summary, trainer.history, plots, role=role, notes=notes)
 

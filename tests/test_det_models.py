@@ -15,7 +15,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 
 from kdkit.errors import KdkitError
 from kdkit.models import build_model
-from kdkit.models.detection import DET_MODELS, Detector, check_input_sizes
+from kdkit.models.detection import DET_MODELS, Detector, check_input_sizes, zoo
 from kdkit.models.detection.base import overridden, resized_size, torchvision_targets
 from kdkit.models.detection.compact import CompactBackbone
 from kdkit.models.detection.wrappers import FasterRCNNDetector, RetinaNetDetector
@@ -67,7 +67,8 @@ def _check_detections(found: list[dict[str, torch.Tensor]], batch: int, height: 
             assert (d["boxes"][:, 1::2] >= 0).all() and (d["boxes"][:, 1::2] <= height).all()
 
 
-ZOO = [n for n in DET_MODELS if n not in ("fasterrcnn_resnet101_fpn", "det_compact")]
+# zoo.DET_ZOO: tests/test_det_zoo.py
+ZOO = [n for n in DET_MODELS if n not in ("fasterrcnn_resnet101_fpn", "det_compact", *zoo.DET_ZOO)]
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -9,7 +9,7 @@ A detector's ``forward`` takes normalised, sized images and returns raw head out
 
 from __future__ import annotations
 
-from . import compact, wrappers
+from . import compact, wrappers, zoo
 from .base import Detector, check_input_sizes
 
 DET_MODELS = (
@@ -20,6 +20,7 @@ DET_MODELS = (
     "fcos_resnet50_fpn",
     "ssdlite320_mobilenet_v3_large",
     *compact.DET_COMPACT,
+    *zoo.DET_ZOO,
 )
 
-__all__ = ["DET_MODELS", "Detector", "check_input_sizes", "compact", "wrappers"]
+__all__ = ["DET_MODELS", "Detector", "check_input_sizes", "compact", "wrappers", "zoo"]

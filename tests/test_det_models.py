@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
+from _detectors import RCNN_SMALL
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNet
@@ -24,15 +25,6 @@ from kdkit.taps import Taps
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 K = 3
-# few proposals and sampled RoIs: the RoI head's 12.8M-weight MLP runs once per RoI
-RCNN_SMALL = {
-    "rpn_pre_nms_top_n_train": 200,
-    "rpn_post_nms_top_n_train": 40,
-    "rpn_pre_nms_top_n_test": 200,
-    "rpn_post_nms_top_n_test": 40,
-    "rpn_batch_size_per_image": 64,
-    "box_batch_size_per_image": 32,
-}
 # image 0: two boxes (classes 0 and 2) and a padding row; image 1: padding only (no objects)
 TARGETS = torch.tensor(
     [

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
+from _detectors import RCNN_SMALL
 from torch import nn
 
 from kdkit.errors import KdkitError
@@ -21,14 +22,6 @@ from kdkit.taps import Taps
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 K = 3
-RCNN_SMALL = {  # few proposals and sampled RoIs, as tests/test_det_models.py
-    "rpn_pre_nms_top_n_train": 200,
-    "rpn_post_nms_top_n_train": 40,
-    "rpn_pre_nms_top_n_test": 200,
-    "rpn_post_nms_top_n_test": 40,
-    "rpn_batch_size_per_image": 64,
-    "box_batch_size_per_image": 32,
-}
 TARGETS = torch.tensor(  # image 0: two boxes (classes 0, 2) + padding; image 1: no objects
     [
         [[4.0, 6.0, 30.0, 40.0, 0.0], [20.0, 10.0, 60.0, 50.0, 2.0], [0.0, 0.0, 0.0, 0.0, -1.0]],

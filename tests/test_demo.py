@@ -190,3 +190,15 @@ def test_cached_teacher_resumes_an_interrupted_training(tmp_path, monkeypatch):
     assert common.cached_teacher(["stages.0.epochs=3"], Console(quiet=True)) == run_dir
     assert calls == [{"run_dir": run_dir, "resume": True}]
     assert (run_dir / "checkpoints" / "last.pt").is_file()  # nothing was deleted
+
+
+def test_teacher_fingerprint_survives_new_config_fields():
+    """The cache key of the demo teacher is pinned: a config field added with a default (here
+    ``teacher.input``) must not make every cached teacher a stranger and retrain it. A deliberate change
+    of the teacher's recipe changes it (then update the value)."""
+    from kdkit.config import load_config
+    from kdkit.demos.common import _fingerprint, preset
+
+    assert _fingerprint(load_config(preset("demo/teacher.yaml"))) == "0c0a6192c4024540"
+    changed = load_config(preset("demo/teacher.yaml"), ["teacher.name=resnet8", "teacher.input.size=[40,40]"])
+    assert _fingerprint(changed) != "0c0a6192c4024540"

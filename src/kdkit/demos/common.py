@@ -34,11 +34,19 @@ def preset(name: str) -> Path:
     return Path(str(resources.files("kdkit") / "configs" / name))
 
 
+# Config fields added after teachers were first cached, left out of the fingerprint while at their
+# default, so that a new field does not make every cached teacher a stranger.
+LATER_FIELDS = {("teacher", "input"): None, ("student", "input"): None}
+
+
 def _fingerprint(config: RunConfig) -> str:
     data = config.model_dump(mode="json")
     data.pop("name")
     for key in ("out_dir", "progress"):
         data["runtime"].pop(key)
+    for (section, key), default in LATER_FIELDS.items():
+        if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

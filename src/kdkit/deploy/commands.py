@@ -170,6 +170,11 @@ def export_run(
     if not run.is_dir():
         raise KdkitError(f"{run} is not a run directory: give the folder that holds student.json")
     model, spec = load_student(run)
+    if spec.task == "detection":
+        raise KdkitError(
+            f"{run} holds a detection student, which kdkit export does not handle yet (its boxes need "
+            "decoding and NMS outside the graph); use the run's student.safetensors with kdkit predict / eval"
+        )
     config = _run_config(run)
     size = tuple(spec.image_size) if spec.image_size else None
     if size is None:

@@ -202,3 +202,14 @@ def test_teacher_fingerprint_survives_new_config_fields():
     assert _fingerprint(load_config(preset("demo/teacher.yaml"))) == "0c0a6192c4024540"
     changed = load_config(preset("demo/teacher.yaml"), ["teacher.name=resnet8", "teacher.input.size=[40,40]"])
     assert _fingerprint(changed) != "0c0a6192c4024540"
+
+
+def test_runs_recorded_before_a_new_config_field_group_with_later_ones():
+    """Seeds of one method whose config.yaml was written before ``teacher.input`` existed (no key) and
+    after (``input: null``) form one comparison row."""
+    from kdkit.report.compare import group_key
+
+    before = {"name": "a", "teacher": {"name": "resnet20"}, "runtime": {"seed": 0}}
+    after = {"name": "b", "teacher": {"name": "resnet20", "input": None}, "runtime": {"seed": 1}}
+    changed = {"name": "c", "teacher": {"name": "resnet20", "input": {"size": [40, 40]}}, "runtime": {}}
+    assert group_key({"config": before}) == group_key({"config": after}) != group_key({"config": changed})

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..api import profile_model, train_from_config
-from ..config import RunConfig, load_config
+from ..config import RunConfig, load_config, without_later_defaults
 from ..data.base import cache_dir
 from ..engine.checkpoint import atomic_write_text
 from ..engine.tasks import METRIC_LABELS
@@ -34,19 +34,12 @@ def preset(name: str) -> Path:
     return Path(str(resources.files("kdkit") / "configs" / name))
 
 
-# Config fields added after teachers were first cached, left out of the fingerprint while at their
-# default, so that a new field does not make every cached teacher a stranger.
-LATER_FIELDS = {("teacher", "input"): None, ("student", "input"): None}
-
-
 def _fingerprint(config: RunConfig) -> str:
     data = config.model_dump(mode="json")
     data.pop("name")
     for key in ("out_dir", "progress"):
         data["runtime"].pop(key)
-    for (section, key), default in LATER_FIELDS.items():
-        if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
-            data[section].pop(key, None)
+    without_later_defaults(data)  # a new config field does not make every cached teacher a stranger
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..config import without_later_defaults
 from ..engine.tasks import METRIC_LABELS
 from ..errors import KdkitError
 from .runreport import markdown_table
@@ -83,8 +84,9 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def group_key(run: dict[str, Any]) -> str:
-    """Runs whose configs differ only in seed, name and output folder form one group."""
-    config = json.loads(json.dumps(run["config"]))
+    """Runs whose configs differ only in seed, name and output folder form one group (also when one was
+    recorded before a later config field existed, :func:`~kdkit.config.without_later_defaults`)."""
+    config = without_later_defaults(json.loads(json.dumps(run["config"])))
     config.pop("name", None)
     runtime = config.get("runtime", {})
     for key in ("seed", "out_dir", "progress"):

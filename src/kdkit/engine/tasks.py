@@ -80,12 +80,8 @@ class SegmentationTask(ClassificationTask):
         self.ignore_index = ignore_index
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
-        augment = SegmentationAugment(config.scale, config.crop, config.flip, self.mean, self.std)
-
-        def apply(images, masks, gen: torch.Generator, total: int, start: int):
-            return augment(images, masks, gen, total=total, start=start)
-
-        return apply
+        # (images, masks, generator, total, start) -> batch: already the Augmenter signature
+        return SegmentationAugment(config.scale, config.crop, config.flip, self.mean, self.std)
 
     def evaluate(
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
@@ -116,12 +112,7 @@ class DetectionTask(ClassificationTask):
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
         crop = tuple(config.crop) if config.crop is not None else self.size
-        augment = DetectionAugment(crop, config.scale, config.flip, self.mean, self.std)
-
-        def apply(images, targets, gen: torch.Generator, total: int, start: int):
-            return augment(images, targets, gen, total=total, start=start)
-
-        return apply
+        return DetectionAugment(crop, config.scale, config.flip, self.mean, self.std)
 
     def evaluate(
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str

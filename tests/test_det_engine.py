@@ -236,19 +236,3 @@ def test_sokd_on_detection_refines_the_fpn_levels(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "dam_levels.p4.png").is_file() and (
         tmp_path / "run" / "refiner_dafa.png"
     ).is_file()
-
-
-def test_export_of_a_detection_student_is_refused_in_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from kdkit.cli import app
-    from kdkit.deploy.export import ModelSpec, export_student
-    from kdkit.models import build_model
-
-    spec = ModelSpec(
-        "det_compact_student", 3, image_size=(64, 128), task="detection", classes=["a", "b", "c"]
-    )
-    export_student(build_model("det_compact_student", num_classes=3), spec, tmp_path)
-    result = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "onnx"])
-    assert result.exit_code == 2
-    assert "detection student, which kdkit export does not handle yet" in result.output

@@ -110,33 +110,15 @@ def predict_boxes(
     ``min_score`` drawn on the image) and ``<out>/detections.json``; returns per image ``{"image",
     "drawn", "detections": [{"class", "score", "box": [x1, y1, x2, y2]}, ...] best first}``.
     """
-    import json
-
     from .data.augment import BatchAugment
-    from .data.det_augment import letterbox
-    from .data.folders import load_image
+    from .deploy.detection import predict_detections
     from .deploy.export import load_student
-    from .report.boxes import draw_boxes, save_png
 
     model, spec = load_student(run)
     if spec.task != "detection":
         raise KdkitError(f"{run} holds a {spec.task} student, not a detector: kdkit predict without boxes")
-    model.eval()
     names = spec.classes or [str(i) for i in range(spec.num_classes)]
     normalize = BatchAugment(0, False, spec.mean, spec.std).normalize
-    folder = Path(out)
-    results: list[dict[str, Any]] = []
-    for path in map(Path, images):
-        image = load_image(path)
-        boxed, scale = letterbox(image, tuple(spec.image_size)) if spec.image_size else (image, 1.0)
-        found = model.detect(model(normalize(boxed[None])))[0]
-        keep = found["scores"] >= min_score
-        boxes, scores, labels = found["boxes"][keep] / scale, found["scores"][keep], found["labels"][keep]
-        drawn = save_png(draw_boxes(image, boxes, labels, names, scores), folder / f"{path.stem}_boxes.png")
-        detections = [
-            {"class": names[int(c)], "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
-            for b, s, c in zip(boxes, scores, labels)
-        ]
-        results.append({"image": str(path), "drawn": str(drawn), "detections": detections})
-    (folder / "detections.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return predict_detections(
+        model.eval(), [Path(p) for p in images], spec.image_size, names, Path(out), min_score, normalize
+    )

@@ -30,17 +30,13 @@ def export_cmd(
     """Export the student with its normalisation folded in (input: float images in [0, 1], NCHW), check
     it against PyTorch (max abs difference, metric of both) and write <file>.json beside it."""
     from ..deploy.commands import export_run
+    from ..deploy.summary import parity_text
 
     meta = export_run(
         run, format_, out, dynamic_batch, opset, images, limit, int8=int8, calibration=calibration
     )
     check = meta["parity"]
-    console.print(
-        f"{meta['path']}: max |exported - PyTorch| {check['max_abs_diff']:.3g} on {check['images']} "
-        f"images (tolerance {check['tolerance']:.3g})",
-        highlight=False,
-        soft_wrap=True,
-    )
+    console.print(f"{meta['path']}: {parity_text(check)}", highlight=False, soft_wrap=True)
     if "metric" in check:
         label = METRIC_LABELS.get(check["metric"], check["metric"])
         console.print(
@@ -122,12 +118,13 @@ def predict(
     if run.suffix == ".onnx":
         from ..deploy.commands import predict_onnx
 
-        task, results = predict_onnx(run, images, top=top, out=out)
+        task, results = predict_onnx(run, images, top=top, out=out, min_score=min_score)
     else:
         task = student_task(run)
         results = predict_masks(run, images, out) if task == "segmentation" else None
+        results = predict_boxes(run, images, out, min_score) if task == "detection" else results
     if task == "detection":
-        for result in predict_boxes(run, images, out, min_score):
+        for result in results:
             shown = "  ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"][:top])
             found = len(result["detections"])
             line = f"{result['image']}: {found} objects  {shown}  -> {result['drawn']}"

@@ -4,7 +4,8 @@
   in), then the parity check (max |exported - PyTorch| on held-out test images, the task metric of
   both on the test split), optionally ONNX int8; all of it in the metadata JSON beside the file.
 - :func:`profile_run` / :func:`latency_table`: latency (median, p95) and size on disk per runtime.
-- :func:`predict_onnx`: classify or segment image files with an ONNX file and its metadata alone.
+- :func:`predict_onnx`: classify, segment or detect in image files with an ONNX file and its metadata
+  alone. Detectors export up to their decoded boxes and scores (:mod:`kdkit.deploy.detection`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from ..errors import KdkitError
+from .detection import OUTPUT_NAMES, DetectionRunner, output_metadata, predict_detections
 from .export import WEIGHTS, ModelSpec, load_student
 from .formats import (
     DEFAULT_OPSET,
     FORMATS,
     INPUT_NAME,
     OUTPUT_NAME,
-    Deployable,
     check_format,
     check_parity,
+    deployable,
     export_module,
     file_size,
     parity,
@@ -77,7 +79,7 @@ def _images(dataset: Any, count: int, size: tuple[int, int], seed: int | None = 
 def task_metric(
     module: nn.Module, config: Any, limit: int | None = None, size: tuple[int, int] | None = None
 ) -> dict[str, float]:
-    """The task metric (``top1`` or ``miou``, in %) of ``module`` (float [0, 1] input, normalisation
+    """The task metric (``top1``, ``miou`` or ``map``, in %) of ``module`` (float [0, 1] input, normalisation
     folded in) on the run's eval split, or its first ``limit`` images; evaluated as ``kdkit eval`` does
     (the task's own evaluation), in fp32 on the CPU. ``size``: resize the images to the exported input
     size first (segmentation scores are resized back to the mask's size by the evaluation)."""
@@ -86,11 +88,14 @@ def task_metric(
     from ..engine.tasks import build_task
 
     dataset = _dataset(config, config.data.eval_split)
-    task = build_task(getattr(dataset, "task", "classification"), dataset, config.evaluation)
+    name = getattr(dataset, "task", "classification")
+    detection = name == "detection"  # letterboxed by the task (boxes follow), not resized here
+    task = build_task(name, dataset, config.evaluation, size if detection else None)
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     batches = Batches(dataset, config.data.eval_batch_size, DistInfo(), train=False)
-    result = task.evaluate(module, batches, lambda x: _to01(x, size), torch.device("cpu"), "fp32")
+    prepare = (lambda x: _to01(x)) if detection else (lambda x: _to01(x, size))
+    result = task.evaluate(module, batches, prepare, torch.device("cpu"), "fp32")
     return {"metric": task.metric, "value": float(result[task.metric]), "images": len(dataset)}
 
 
@@ -104,16 +109,25 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _task_of(module: Deployable, size: tuple[int, int]) -> str:
+def _task_of(module: nn.Module, spec: ModelSpec, size: tuple[int, int]) -> str:
+    if spec.task == "detection":
+        return spec.task
     with torch.no_grad():
         out = module(torch.zeros(1, 3, *size))
     return "segmentation" if out.dim() == 4 else "classification"
 
 
 def _metadata(
-    spec: ModelSpec, fmt: str, path: Path, task: str, size: tuple[int, int], dynamic: bool, opset: int
+    spec: ModelSpec,
+    fmt: str,
+    path: Path,
+    module: nn.Module,
+    task: str,
+    size: tuple[int, int],
+    dynamic: bool,
+    opset: int,
 ):
-    return {
+    meta = {
         "format": fmt,
         "file": path.name,
         "model": spec.model,
@@ -142,6 +156,15 @@ def _metadata(
         }[fmt],
         "versions": _versions(),
     }
+    if task == "detection":
+        meta["output"], meta["postprocess"] = output_metadata(module, dynamic)
+    return meta
+
+
+def _runner(path: Path, meta: dict[str, Any]) -> nn.Module:
+    """The exported file's runner; a detector's selects its boxes as the PyTorch model does."""
+    runner = load_runtime(path)
+    return DetectionRunner(runner, meta["postprocess"]) if meta["task"] == "detection" else runner
 
 
 def export_run(
@@ -170,11 +193,6 @@ def export_run(
     if not run.is_dir():
         raise KdkitError(f"{run} is not a run directory: give the folder that holds student.json")
     model, spec = load_student(run)
-    if spec.task == "detection":
-        raise KdkitError(
-            f"{run} holds a detection student, which kdkit export does not handle yet (its boxes need "
-            "decoding and NMS outside the graph); use the run's student.safetensors with kdkit predict / eval"
-        )
     config = _run_config(run)
     size = tuple(spec.image_size) if spec.image_size else None
     if size is None:
@@ -183,13 +201,14 @@ def export_run(
                 f"{run}/student.json has no image_size and the run has no config.yaml to take it from"
             )
         size = tuple(_dataset(config, config.data.eval_split)[0][0].shape[-2:])
-    module = Deployable(model, spec.mean, spec.std)
-    task = _task_of(module, size)
+    module = deployable(model, spec, size)
+    task = _task_of(module, spec, size)
     out_dir = Path(out) if out is not None else run / "export"
-    path = export_module(module, fmt, out_dir / f"student{FORMATS[fmt]}", size, dynamic_batch, opset)
-    meta = _metadata(spec, fmt, path, task, size, dynamic_batch, opset)
+    names = OUTPUT_NAMES if task == "detection" else (OUTPUT_NAME,)
+    path = export_module(module, fmt, out_dir / f"student{FORMATS[fmt]}", size, dynamic_batch, opset, names)
+    meta = _metadata(spec, fmt, path, module, task, size, dynamic_batch, opset)
     write_metadata(path, meta)
-    runner = load_runtime(path)
+    runner = _runner(path, meta)
     if config is not None:
         test = _dataset(config, config.data.eval_split)
         images, source = _images(test, parity_images, size), f"{config.data.eval_split} split"
@@ -197,6 +216,8 @@ def export_run(
         gen = torch.Generator().manual_seed(0)
         images, source = torch.rand(parity_images, 3, *size, generator=gen), "uniform random images"
     meta["parity"] = {**parity(module, runner, images, batch=32), "source": source}
+    if "outputs" in meta["parity"]:
+        meta["parity"]["outputs"] = dict(zip(names, meta["parity"]["outputs"], strict=True))
     if config is not None and metric:
         pytorch = task_metric(module, config, limit, size)
         meta["parity"].update(
@@ -224,13 +245,13 @@ def _int8(path, meta, module, config, size, images, calibration, limit, metric) 
     target = path.with_name(path.name.replace(".onnx", ".int8.onnx"))
     batch = 32 if meta["dynamic_batch"] else 1
     quantize_onnx(path, target, calib, batch=batch)
-    runner = load_runtime(target)
+    runner = _runner(target, meta)
     report: dict[str, Any] = {
         "file": target.name,
         "calibration_images": int(calib.shape[0]),
         "calibration_source": source,
         "settings": "QDQ, activations uint8, weights int8 per channel, MinMax calibration",
-        "max_abs_diff": parity(module, runner, images, batch=32)["max_abs_diff"],
+        **_int8_difference(parity(module, runner, images, batch=32), meta),
         "size_bytes": file_size(target),
         "fp32_size_bytes": file_size(path),
     }
@@ -241,6 +262,16 @@ def _int8(path, meta, module, config, size, images, calibration, limit, metric) 
         )  # fmt: skip
     write_metadata(target, {**meta, "file": target.name, "int8": report, "parity": None})
     return report
+
+
+def _int8_difference(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """``max_abs_diff`` of the int8 file from PyTorch, per output for several (a detector's boxes in
+    pixels and its scores)."""
+    if "outputs" not in result:
+        return {"max_abs_diff": result["max_abs_diff"]}
+    names = meta["output"]["names"]
+    diffs = {name: out["max_abs_diff"] for name, out in zip(names, result["outputs"], strict=True)}
+    return {"max_abs_diff": diffs}
 
 
 def _exported(run: Path, runtime: str, need_dynamic: bool) -> Path:
@@ -265,9 +296,9 @@ def profile_run(
     run = Path(run)
     if runtime == "torch":
         model, spec = load_student(run)
-        runner: nn.Module = Deployable(model, spec.mean, spec.std)
-        path = run / WEIGHTS
         size = tuple(spec.image_size or (32, 32))
+        runner: nn.Module = deployable(model, spec, size)
+        path = run / WEIGHTS
     else:
         path = _exported(run, runtime, any(b > 1 for b in batches))
         runner, size = load_runtime(path), tuple(read_metadata(path)["image_size"])
@@ -310,7 +341,7 @@ def latency_table(
         entries.append(
             (
                 f"teacher {config.teacher.name} (PyTorch fp32)",
-                Deployable(teacher, spec.mean, spec.std),
+                deployable(teacher, spec, size),
                 stored,
                 params,
             )
@@ -319,7 +350,7 @@ def latency_table(
     entries.append(
         (
             f"student {spec.model} (PyTorch fp32)",
-            Deployable(model, spec.mean, spec.std),
+            deployable(model, spec, size),
             (run / WEIGHTS).stat().st_size,
             params,
         )
@@ -379,13 +410,16 @@ def predict_onnx(
     top: int = 3,
     out: str | Path = "predictions",
     alpha: float = 0.5,
+    min_score: float = 0.3,
 ) -> tuple[str, list[Any]]:
     """Predict with an exported ONNX file and its metadata JSON alone (no PyTorch model is built).
 
     Returns ``(task, results)``: for classification, per image the ``top`` (class, probability) pairs
     (the image resized and centre-cropped to the square ``image_size`` as ``kdkit predict`` does); for
     segmentation, per image ``{"image", "overlay", "mask", "coverage"}`` as
-    :func:`kdkit.predict.predict_masks` (the image resized to ``image_size``, scores resized back).
+    :func:`kdkit.predict.predict_masks` (the image resized to ``image_size``, scores resized back); for
+    detection, per image ``{"image", "drawn", "detections"}`` as :func:`kdkit.predict.predict_boxes`
+    (the image letterboxed to ``image_size``, boxes of at least ``min_score`` mapped back).
     """
 
     from ..data.folders import load_image
@@ -399,6 +433,11 @@ def predict_onnx(
         )
     runner: Runner = load_runtime(model)
     names, size = meta["classes"], tuple(meta["image_size"])
+    if meta["task"] == "detection":
+        detector = DetectionRunner(runner, meta["postprocess"])
+        return "detection", predict_detections(
+            detector, list(map(Path, images)), size, names, Path(out), min_score
+        )
     if meta["task"] == "classification":
         if size[0] != size[1]:
             raise KdkitError(

@@ -2,7 +2,8 @@
 
 The exported network takes float32 images in [0, 1], NCHW, at the spec's image size, and returns the
 logits (classification ``[B, C]``, segmentation ``[B, C, H, W]``; dict outputs are reduced with
-:func:`~kdkit.taps.main_output`). Formats:
+:func:`~kdkit.taps.main_output`), or, for a dense detector, every anchor's decoded boxes and class
+scores (:mod:`kdkit.deploy.detection`, which also selects the detections after the graph). Formats:
 
 - ``onnx``: ``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based exporter. The
   TorchScript-based exporter (``dynamo=False``) also exports every demo family correctly, but it is
@@ -21,6 +22,7 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,16 @@ class Deployable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return main_output(self.model((x - self.mean) / self.std))
+
+
+def deployable(model: nn.Module, spec: Any, size: tuple[int, int]) -> nn.Module:
+    """The module to export for a network of ``spec`` (its :class:`~kdkit.deploy.export.ModelSpec`):
+    :class:`Deployable`, or for detectors :class:`~kdkit.deploy.detection.DetectorDeployable` at ``size``."""
+    if spec.task == "detection":
+        from .detection import DetectorDeployable
+
+        return DetectorDeployable(model, spec.mean, spec.std, size)
+    return Deployable(model, spec.mean, spec.std)
 
 
 @contextlib.contextmanager
@@ -107,8 +119,10 @@ def export_module(
     image_size: tuple[int, int],
     dynamic_batch: bool = False,
     opset: int = DEFAULT_OPSET,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> Path:
-    """Write ``module`` (taking ``[B, 3, H, W]`` float input) to ``path`` in format ``fmt``.
+    """Write ``module`` (taking ``[B, 3, H, W]`` float input) to ``path`` in format ``fmt``; ONNX names
+    its outputs ``output_names``.
 
     Without ``dynamic_batch`` the file takes batch 1 only; with it, any batch (the example batch is 2 so
     that ``torch.export`` does not specialise the batch dimension to 1).
@@ -129,7 +143,7 @@ def export_module(
                     str(path),
                     dynamo=True,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=list(output_names),
                     opset_version=opset,
                     dynamic_shapes=shapes,
                     external_data=False,
@@ -164,30 +178,40 @@ def onnx_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def parity(reference: nn.Module, runner: Any, images: Tensor, batch: int | None = None) -> dict[str, float]:
+def parity(reference: nn.Module, runner: Any, images: Tensor, batch: int | None = None) -> dict[str, Any]:
     """Max |exported - PyTorch| over ``images`` (float [0, 1]) and the tolerance it is held to.
 
     ``runner(x)`` runs the exported file (see :mod:`kdkit.deploy.runtime`); ``batch`` is the size of the
-    chunks fed to both (default: all at once).
+    chunks fed to both (default: all at once). With several outputs (a tuple) each is held to its own
+    tolerance: ``outputs`` lists them, and the top-level figures are those of the output furthest
+    from its tolerance.
     """
-    worst, scale = 0.0, 0.0
+    worst: list[float] = []
+    scale: list[float] = []
     step = batch or images.shape[0]
     with torch.no_grad():
         for chunk in torch.split(images, step):
-            expected = reference(chunk).float()
-            got = runner(chunk).float()
-            if got.shape != expected.shape:
-                raise KdkitError(
-                    f"exported output has shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}"
-                )
-            worst = max(worst, float((got - expected).abs().max()))
-            scale = max(scale, float(expected.abs().max()))
-    return {
-        "images": int(images.shape[0]),
-        "max_abs_diff": worst,
-        "max_abs_output": scale,
-        "tolerance": TOLERANCE * max(1.0, scale),
-    }
+            expected, got = reference(chunk), runner(chunk)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            got = got if isinstance(got, tuple) else (got,)
+            if not worst:
+                worst, scale = [0.0] * len(expected), [0.0] * len(expected)
+            for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+                if g.shape != e.shape:
+                    raise KdkitError(f"exported output has shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}")
+                worst[i] = max(worst[i], float((g.float() - e.float()).abs().max()))
+                scale[i] = max(scale[i], float(e.float().abs().max()))
+    outputs = [
+        {"max_abs_diff": w, "max_abs_output": s, "tolerance": TOLERANCE * max(1.0, s)}
+        for w, s in zip(worst, scale)
+    ]
+    # NaN ranks first: a NaN difference must fail the check
+    ratio = [o["max_abs_diff"] / o["tolerance"] for o in outputs]
+    first = max(range(len(outputs)), key=lambda i: float("inf") if ratio[i] != ratio[i] else ratio[i])
+    result: dict[str, Any] = {"images": int(images.shape[0]), **outputs[first]}
+    if len(outputs) > 1:
+        result["outputs"] = outputs
+    return result
 
 
 def check_parity(fmt: str, result: dict[str, float]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +51,20 @@ def quantize_onnx(
     """Write the int8 version of ONNX file ``source`` to ``target``, calibrated on ``calibration``
     (float [0, 1] images ``[K, 3, H, W]``, fed ``batch`` at a time; ``batch`` must suit the file:
     1 for a fixed-batch export). ``reduce_range`` (7-bit weights) helps x86 CPUs without VNNI."""
+    if calibration.shape[0] == 0:
+        raise KdkitError("int8 calibration needs at least one training image; raise --calibration")
+    # the quantizer logs one warning per rank-1 constant it leaves per-tensor (a detector's anchors)
+    logging.disable(logging.WARNING)
+    try:
+        return _quantize(source, target, calibration, batch, reduce_range)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize(source: Path, target: Path, calibration: Tensor, batch: int, reduce_range: bool) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration.shape[0] == 0:
-        raise KdkitError("int8 calibration needs at least one training image; raise --calibration")
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference + graph optimisation before quantization, as ORT recommends

@@ -35,7 +35,8 @@ def format_of(path: Path) -> str:
 
 
 class Runner(nn.Module):
-    """An exported file as a module: ``forward(x01 [B,3,H,W]) -> logits`` (a torch tensor on the CPU).
+    """An exported file as a module: ``forward(x01 [B,3,H,W]) -> logits`` (a torch tensor on the CPU;
+    a tuple of them for files with several outputs, e.g. a detector's boxes and scores).
 
     Being an ``nn.Module``, it goes wherever kdkit evaluates a model (``task.evaluate``).
     """
@@ -48,7 +49,10 @@ class Runner(nn.Module):
         x = x.detach().float().cpu().contiguous()
         if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
             return self.call(x)
-        return torch.cat([self.call(chunk) for chunk in torch.split(x, self.fixed_batch)])
+        parts = [self.call(chunk) for chunk in torch.split(x, self.fixed_batch)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(outputs) for outputs in zip(*parts))
+        return torch.cat(parts)
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -71,8 +75,9 @@ def load_runtime(path: str | Path, threads: int | None = None) -> Runner:
         feed = session.get_inputs()[0]
         batch = feed.shape[0]
 
-        def call(x: Tensor) -> Tensor:
-            return torch.from_numpy(session.run(None, {feed.name: x.numpy()})[0])
+        def call(x: Tensor) -> Tensor | tuple[Tensor, ...]:
+            outputs = tuple(torch.from_numpy(o) for o in session.run(None, {feed.name: x.numpy()}))
+            return outputs[0] if len(outputs) == 1 else outputs
 
         return Runner(call, batch if isinstance(batch, int) else None, "onnxruntime")
     with warnings.catch_warnings():

@@ -26,11 +26,23 @@ def record_latency(run: Path, rows: list[dict[str, Any]]) -> None:
     update_report(run)
 
 
+def parity_text(parity: dict[str, Any]) -> str:
+    """``max |exported - PyTorch| D on N <source> images (tolerance T)``, per output for several."""
+    source = f" {parity['source']}" if "source" in parity else ""
+    where = f"on {parity['images']}{source} images"
+    outputs = parity.get("outputs")
+    if not outputs:
+        diff, tolerance = parity["max_abs_diff"], parity["tolerance"]
+        return f"max |exported - PyTorch| {diff:.3g} {where} (tolerance {tolerance:.3g})"
+    each = ", ".join(
+        f"{name} {o['max_abs_diff']:.3g} (tolerance {o['tolerance']:.3g})" for name, o in outputs.items()
+    )
+    return f"max |exported - PyTorch| {where}: {each}"
+
+
 def _file_lines(meta: dict[str, Any]) -> list[str]:
     parity = meta.get("parity") or {}
-    line = f"- `export/{meta['file']}` ({meta['format']}): max |exported - PyTorch| "
-    line += f"{parity['max_abs_diff']:.2g} on {parity['images']} {parity['source']} images "
-    line += f"(tolerance {parity['tolerance']:.2g})"
+    line = f"- `export/{meta['file']}` ({meta['format']}): {parity_text(parity)}"
     if "metric" in parity:
         line += f"; {parity['metric']} {parity['exported']:.2f} (PyTorch {parity['pytorch']:.2f})"
     lines = [line + "."]

@@ -48,7 +48,8 @@ def evaluate_detection(
 ) -> dict[str, Any]:
     """COCO-style AP of ``model`` (a :class:`~kdkit.models.detection.base.Detector`) over ``batches``, in %:
     ``map`` (IoU 0.50:0.95), ``map_50``, ``map_75``, ``map_small/medium/large`` (-1 where the split has no
-    box of that size), ``mar_100``; ``loss``: the detector's own losses on the same images (eval mode).
+    box of that size), ``mar_100``; ``loss``: the detector's own losses on the same images (eval mode),
+    left out for models without losses (an exported detector).
 
     Images of differing sizes are letterboxed to ``size`` and their predicted boxes mapped back, so AP is
     measured in each image's own pixels against its unmodified boxes.
@@ -65,7 +66,8 @@ def evaluate_detection(
                     outputs = model(prepare(batch))
                     losses = model.losses(outputs, padded)
                     found = model.detect(outputs)
-                loss.update(sum(v.float() for v in losses.values()), weight=len(batch))
+                if losses:  # an exported detector's runner has none
+                    loss.update(sum(v.float() for v in losses.values()), weight=len(batch))
                 preds, truth = [], []
                 for det, target, scale in zip(found, padded, scales):
                     gt = unpad(target)
@@ -82,4 +84,4 @@ def evaluate_detection(
         model.train(was_training)
     result = metric.compute()
     out = {key: 100.0 * float(result[key]) if float(result[key]) >= 0 else -1.0 for key in MAP_KEYS}
-    return {**out, "loss": loss.compute().item()}
+    return {**out, "loss": loss.compute().item()} if loss.update_count else out

@@ -110,18 +110,26 @@ class DenseTorchvisionDetector(TorchvisionDetector):
     def anchors(self, outputs: dict[str, Tensor]) -> tuple[list[Tensor], list[int]]:
         """torchvision's anchors of every image (``[A, 4]`` xyxy) and the number of anchors per level."""
         logits = outputs["out"]
-        batch, device = logits.shape[0], logits.device
-        sizes = self.level_sizes(outputs)
-        per_location = self.anchor_generator.num_anchors_per_location()
-        counts = [h * w * a for (h, w), a in zip(sizes, per_location, strict=True)]
+        height, width = (int(v) for v in outputs["image_size"])
+        anchors, counts = self.anchor_boxes((height, width), logits.device)
         if sum(counts) != logits.shape[1]:
             raise ValueError(
                 f"outputs hold {logits.shape[1]} anchors, this model makes {sum(counts)} at "
-                f"{tuple(outputs['image_size'].tolist())}: were they made by another model?"
+                f"{(height, width)}: were they made by another model?"
             )
+        return [anchors] * logits.shape[0], counts
+
+    def anchor_boxes(
+        self, size: tuple[int, int], device: torch.device | None = None
+    ) -> tuple[Tensor, list[int]]:
+        """The anchors of one ``size`` (h, w) image, ``[A, 4]`` xyxy (they depend on the size alone), and
+        the number of anchors per level."""
+        sizes = self.level_sizes({"image_size": torch.tensor(size)})
+        per_location = self.anchor_generator.num_anchors_per_location()
+        counts = [h * w * a for (h, w), a in zip(sizes, per_location, strict=True)]
         shapes = [torch.empty((0, 0, h, w), device=device) for h, w in sizes]
-        anchors = self.anchor_generator(image_list(outputs, batch, shapes[0]), shapes)
-        return anchors, counts
+        outputs = {"image_size": torch.tensor(size)}
+        return self.anchor_generator(image_list(outputs, 1, shapes[0]), shapes)[0], counts
 
     def losses(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         anchors, counts = self.anchors(outputs)
@@ -150,14 +158,38 @@ class DenseTorchvisionDetector(TorchvisionDetector):
         with respect to ``outputs["box"]``; run without autocast (boxes need the precision)."""
         anchors, _ = self.anchors(outputs)
         height, width = (int(v) for v in outputs["image_size"])
-        deltas = outputs["box"].float()
+        return self.decode(outputs["box"], anchors[0], (height, width))
+
+    def decode(self, deltas: Tensor, anchors: Tensor, size: tuple[int, int]) -> Tensor:
+        """``deltas`` ``[B, A, 4]`` on the ``[A, 4]`` anchors of a ``size`` image -> clipped boxes
+        ``[B, A, 4]``, elementwise as torchvision decodes (also inside an exported graph, where
+        ``anchors`` is a constant)."""
+        deltas = deltas.float()
         with torch.autocast(deltas.device.type, enabled=False):
-            boxes = [self._decode(d, a) for d, a in zip(deltas, anchors, strict=True)]
-            return box_ops.clip_boxes_to_image(torch.stack(boxes), (height, width))
+            flat = anchors.to(deltas.dtype).expand(deltas.shape[0], -1, -1).reshape(-1, 4)
+            boxes = self._decode(deltas.reshape(-1, 4), flat).reshape(deltas.shape)
+            return box_ops.clip_boxes_to_image(boxes, size)
 
     def _decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """One image's ``[A, 4]`` deltas on its ``[A, 4]`` anchors (RetinaNet, SSD: ``BoxCoder``)."""
+        """``[N, 4]`` deltas on their ``[N, 4]`` anchors (RetinaNet, SSD: ``BoxCoder``)."""
         return self._tv.box_coder.decode_single(deltas, anchors)
+
+    def scores(self, outputs: dict[str, Tensor]) -> Tensor:
+        """Every anchor's class scores ``[B, A, num_classes]`` as the post-processing ranks them
+        (RetinaNet: sigmoid of the logits)."""
+        return torch.sigmoid(outputs["out"].float())
+
+    def postprocess_settings(self, size: tuple[int, int]) -> dict[str, Any]:
+        """What :func:`~kdkit.models.detection.postprocess.select_detections` needs to reproduce
+        ``detect`` on ``size`` images from :meth:`decode` d boxes and :meth:`scores`."""
+        return {
+            "kind": "levels",
+            "score_thresh": float(self._tv.score_thresh),
+            "nms_thresh": float(self._tv.nms_thresh),
+            "topk_candidates": int(self._tv.topk_candidates),
+            "detections_per_img": int(self._tv.detections_per_img),
+            "level_counts": self.anchor_boxes(size)[1],
+        }
 
     def _compute_loss(self, targets, head, anchors, counts) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -184,6 +216,10 @@ class FCOSDetector(DenseTorchvisionDetector):
     def _decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """FCOS's ``BoxLinearCoder``: distances to the four sides, times the point's stride-sized box."""
         return self._tv.box_coder.decode(deltas, anchors)
+
+    def scores(self, outputs: dict[str, Tensor]) -> Tensor:
+        """FCOS ranks ``sqrt(sigmoid(class logit) * sigmoid(centre-ness))``."""
+        return torch.sqrt(torch.sigmoid(outputs["out"].float()) * torch.sigmoid(outputs["ctr"].float()))
 
 
 class SSDDetector(DenseTorchvisionDetector):
@@ -218,6 +254,16 @@ class SSDDetector(DenseTorchvisionDetector):
 
     def _postprocess(self, head, anchors, counts, sizes) -> list[dict[str, Tensor]]:
         return self._tv.postprocess_detections(head, anchors, sizes)
+
+    def scores(self, outputs: dict[str, Tensor]) -> Tensor:
+        """SSD ranks the softmax over background + classes; the foreground columns."""
+        return torch.softmax(torch.cat([outputs["bg"].float(), outputs["out"].float()], dim=-1), dim=-1)[
+            ..., 1:
+        ]
+
+    def postprocess_settings(self, size: tuple[int, int]) -> dict[str, Any]:
+        """SSD selects per class (not per level)."""
+        return {**super().postprocess_settings(size), "kind": "classes"}
 
 
 class FasterRCNNDetector(TorchvisionDetector):

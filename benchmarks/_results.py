@@ -35,7 +35,8 @@ def run_seeds(demo: Callable[..., Path], args: argparse.Namespace) -> list[str]:
         demo(args.runs, quick=args.quick, seed=seed)
         wall.append(time.perf_counter() - start)
     return [
-        "Wall time per demo call: " + ", ".join(f"seed {s}: {w:.0f} s" for s, w in zip(args.seeds, wall))
+        "Wall time per demo call: "
+        + ", ".join(f"seed {s}: {w:.0f} s" for s, w in zip(args.seeds, wall))
         + " (the first call also generates the data and trains the teacher unless they are cached).",
         "",
     ]
@@ -64,3 +65,45 @@ def walls_line(walls: dict[tuple[str, int], float]) -> str:
     """``Wall time per run: kd seed 0: 512 s, ...`` (``reused`` for runs found finished)."""
     runs = ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
     return f"Wall time per run: {runs}."
+
+
+def train_grid(
+    methods: dict[str, tuple[Path, list[str]]], seeds: list[int], runs: Path
+) -> dict[tuple[str, int], float]:
+    """Train (or reuse) ``<runs>/<name>-seed<seed>`` for every method (``name: (preset, overrides)``) and
+    seed, seeds outer; the wall times."""
+    walls = {}
+    for seed in seeds:
+        for name, (path, overrides) in methods.items():
+            extra = [*overrides, f"runtime.seed={seed}", "runtime.progress=false"]
+            walls[(name, seed)] = train_or_reuse(path, runs / f"{name}-seed{seed}", extra)
+    return walls
+
+
+def finished_rows(names: list[str], seeds: list[int], runs: Path, labels: dict[str, str]):
+    """(``compare_runs`` rows of the methods with finished seeds, labelled; ``{name: finished seeds}``)."""
+    from kdkit.report.compare import compare_runs
+
+    done = {n: [s for s in seeds if (runs / f"{n}-seed{s}" / "summary.json").is_file()] for n in names}
+    present = [n for n in names if done[n]]
+    rows = compare_runs([runs / f"{n}-seed{s}" for n in present for s in done[n]])
+    for row, name in zip(rows, present, strict=True):
+        row["label"] = labels[name]
+        row["name"] = name
+    return rows, done
+
+
+def grid_lines(title: str, warning: str | None, rows: list, done: dict, labels: dict[str, str]) -> list[str]:
+    """The head of a grid benchmark's result: title, the teacher check's warning, the finished runs and
+    the comparison table of ``rows`` (from :func:`finished_rows`)."""
+    from kdkit.report.compare import comparison_table
+
+    return [
+        title,
+        "",
+        *([f"Teacher check: {warning}", ""] if warning else []),
+        "Finished runs: " + "; ".join(f"{labels[n]} seeds {seeds or 'none'}" for n, seeds in done.items()),
+        "",
+        comparison_table(rows) if rows else "(no finished runs)",
+        "",
+    ]

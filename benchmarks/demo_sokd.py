@@ -19,13 +19,12 @@ import statistics
 import time
 from pathlib import Path
 
-from _results import RESULTS, seconds, train_or_reuse, walls_line, write_table
+from _results import RESULTS, finished_rows, grid_lines, seconds, train_grid, walls_line, write_table
 from rich.console import Console
 
 from kdkit.api import train_from_config
 from kdkit.config import load_config
 from kdkit.demos.common import prepare_teacher, preset
-from kdkit.report.compare import compare_runs, comparison_table
 
 METHODS = {  # run name: (preset, label)
     "fitnet": ("demo/fitnet.yaml", "FitNet"),
@@ -67,33 +66,16 @@ def main() -> None:
     args = parser.parse_args()
     teacher_dir, _, warning = prepare_teacher(args.runs, [], Console(), "demo/teacher.yaml", quick=False)
     teacher = [f"teacher.weights={teacher_dir / 'student.safetensors'}"]
-    walls = {}
-    for seed in [] if args.no_train else args.seeds:
-        for name in args.methods:
-            overrides = [*teacher, f"runtime.seed={seed}", "runtime.progress=false"]
-            run_dir = args.runs / f"{name}-seed{seed}"
-            walls[(name, seed)] = train_or_reuse(preset(METHODS[name][0]), run_dir, overrides)
+    methods = {name: (preset(METHODS[name][0]), teacher) for name in args.methods}
+    walls = {} if args.no_train else train_grid(methods, args.seeds, args.runs)
     if args.no_table:
         return
-    def finished(name: str) -> list[int]:
-        return [s for s in args.seeds if (args.runs / f"{name}-seed{s}" / "summary.json").is_file()]
-
-    done = {n: finished(n) for n in args.methods}
-    present = [n for n in args.methods if done[n]]
-    rows = compare_runs([args.runs / f"{n}-seed{s}" for n in present for s in done[n]])
-    for row, name in zip(rows, present, strict=True):
-        row["label"] = METHODS[name][1]
+    labels = {n: m[1] for n, m in METHODS.items()}
+    rows, done = finished_rows(args.methods, args.seeds, args.runs, labels)
     metric = rows[0]["metric"] if rows else "top1"
-    best = {name: row[f"best_{metric}_mean"] for name, row in zip(present, rows, strict=True)}
-    lines = [
-        f"# SoKD as a plug-in on the embedded classification demo, seeds {args.seeds}",
-        "",
-        *([f"Teacher check: {warning}", ""] if warning else []),
-        "Finished runs: " + "; ".join(f"{METHODS[n][1]} seeds {done[n] or 'none'}" for n in args.methods),
-        "",
-        comparison_table(rows) if rows else "(no finished runs)",
-        "",
-    ]
+    best = {row["name"]: row[f"best_{metric}_mean"] for row in rows}
+    title = f"# SoKD as a plug-in on the embedded classification demo, seeds {args.seeds}"
+    lines = grid_lines(title, warning, rows, done, labels)
     for base, sokd in PAIRS:
         if base in best and sokd in best:
             lines.append(

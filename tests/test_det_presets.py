@@ -51,6 +51,8 @@ TERMS_OF = {
     "reviewkd_sokd": [("det", 1.0, {}), ("reviewkd", "pair", REVIEW), ("dam", 1.0, {})],
     "kd": [("det", 1.0, {}), ("dense_kd", 1.0, {"temperature": 1.0})],
     "kd_mimic": [("det", 1.0, {}), ("dense_kd", 1.0, {"temperature": 1.0}), ("mimic", 1.0, {})],
+    "ours_kd": [("det", 1.0, {}), ("dense_kd", 1.0, {"temperature": 1.0})],
+    "ours_kd_mimic": [("det", 1.0, {}), ("dense_kd", 1.0, {"temperature": 1.0}), ("mimic", 1.0, {})],
 }
 # (steps or epochs, milestones, lr, warm-up) per paper and row kind
 DETECTRON2_1X = ("steps", 90000, [60000, 80000], 0.02, 1000)  # ReviewKD's 180k at batch 8, at batch 16
@@ -82,7 +84,7 @@ def load(path: Path, fake: tuple[Path, Path]):
 
 
 def test_every_file_starts_with_a_comment():
-    assert len(ALL_YAML) == 28
+    assert len(ALL_YAML) == 32
     for path in ALL_YAML:
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and len(first) > 40, rel(path)
@@ -94,8 +96,9 @@ def test_preset_set_is_complete():
     expected |= {f"sokd/{m}/{p}.yaml" for m in SOKD_METHODS for p in SOKD_PAIRS}
     expected |= {f"tst/teacher/{t}.yaml" for t, _ in TST_PAIRS.values()}
     expected |= {f"tst/student/{s}.yaml" for _, s in TST_PAIRS.values()}
-    expected |= {f"tst/{m}/{p}.yaml" for m in ("kd", "kd_mimic") for p in TST_PAIRS}
-    assert {rel(p) for p in RUNNABLE} == expected and len(expected) == 25
+    tst_kinds = ("kd", "kd_mimic", "ours_kd", "ours_kd_mimic")
+    expected |= {f"tst/{m}/{p}.yaml" for m in tst_kinds for p in TST_PAIRS}
+    assert {rel(p) for p in RUNNABLE} == expected and len(expected) == 29
 
 
 def _schedule(paper: str, kind: str, student: str) -> tuple:
@@ -138,6 +141,11 @@ def test_preset_validates_with_the_paper_schedule(path: Path, fake):
         (refiner,) = config.refiners
         assert refiner.name == "dafa" and refiner.params == {} and refiner.optimizer.lr == 0.005
         assert (refiner.update.every, refiner.update.iterations, refiner.update.epochs) == (1, 1, [1])
+    elif kind.startswith("ours_"):  # TST's own rows: its searched augmentation on the KD (+ mimic) terms
+        (refiner,) = config.refiners
+        assert refiner.name == "tst"
+        assert refiner.params == {"num_ops": 4, "temperature": 0.05, "alpha": 1.0, "beta": 1.0}
+        assert (refiner.update.every, refiner.optimizer.lr) == (4, 0.05)
     else:
         assert config.refiners == []
 
@@ -279,3 +287,21 @@ def test_fitnet_sokd_preset_trains_on_a_tiny_coco(tmp_path, monkeypatch):
     assert summary["metric"] == "map"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if r["kind"] == "refiner"]) == 2
+
+
+DEMO = PRESETS.parent / "demo_detection"
+
+
+def test_demo_presets_validate_and_tst_adds_only_its_refiner_to_kd_mimic(fake):
+    configs = {}
+    for path in sorted(p for p in DEMO.glob("*.yaml") if p.name != "base.yaml"):
+        assert path.read_text().startswith("# "), path.name
+        overrides = [f"teacher.weights={fake[0]}"] if "teacher" in _read_yaml(path) else []
+        configs[path.stem] = load_config(path, overrides=overrides)
+        assert configs[path.stem].task == "detection"
+    base, tst = configs["kd_mimic"], configs["kd_mimic_tst"]
+    assert [(t.name, t.weight, t.params) for t in tst.terms] == [
+        ("det", 1.0, {}), ("dense_kd", 1.0, {"temperature": 1.0}), ("mimic", 0.05, {}),
+    ] == [(t.name, t.weight, t.params) for t in base.terms]  # fmt: skip
+    assert base.refiners == [] and [r.name for r in tst.refiners] == ["tst"]
+    assert (tst.refiners[0].update.every, tst.refiners[0].optimizer.lr) == (4, 0.05)

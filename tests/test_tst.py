@@ -1,6 +1,7 @@
 """The ``tst`` refiner (Shao et al. 2023): Eq. 2, 4 and 5 against hand values, gradients through the frozen
 teacher and student, the segmentation variant's identical warps of image and mask, and a 2-process run
-whose refiner parameters match one process with the same global batch."""
+whose refiner parameters match one process with the same global batch; the detection variant: boxes
+moved with the image, stage II over the detectors' own losses."""
 
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ from torch import nn
 from kdkit.engine.checkpoint import load_checkpoint
 from kdkit.models import build_model
 from kdkit.refiners.base import RefinerContext
-from kdkit.refiners.tst import TSTRefiner, anti_ce, relaxed_bernoulli
+from kdkit.refiners.tst import TSTRefiner, anti_ce, anti_loss, relaxed_bernoulli
 from kdkit.refiners.tst_encoders import THETA_DIM, make_encoder
-from kdkit.refiners.tst_ops import MAGNITUDE_OPS, PRIMITIVES
+from kdkit.refiners.tst_ops import MAGNITUDE_OPS, PRIMITIVES, affine_matrix, warp, warp_boxes
 
 
 def context(task="classification", ignore_index=-100):
     return RefinerContext(
-        task=task, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=torch.device("cpu"),
-        build_dataset=lambda *a: None, ignore_index=ignore_index,
+        task=task,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        device=torch.device("cpu"),
+        build_dataset=lambda *a: None,
+        ignore_index=ignore_index,
     )
 
 
@@ -96,8 +101,10 @@ def test_eq5_sum_with_probability_one_by_hand():
 
 def test_gradients_reach_magnitudes_and_probabilities_through_frozen_networks(one_thread):
     refiner = refiner_with(
-        {"TranslateX": translate_encoder(2, 16)}, size=(16, 16),
-        primitives=["TranslateX", "Invert"], num_ops=2,
+        {"TranslateX": translate_encoder(2, 16)},
+        size=(16, 16),
+        primitives=["TranslateX", "Invert"],
+        num_ops=2,
     )
     teacher, student = build_model("resnet8", num_classes=10), build_model("resnet8", num_classes=10)
     teacher.eval(), student.eval()
@@ -124,8 +131,11 @@ def test_gradients_reach_magnitudes_and_probabilities_through_frozen_networks(on
 
 def test_segmentation_warps_image_and_mask_identically():
     refiner = refiner_with(
-        {"TranslateX": translate_encoder(3, 12)}, size=(12, 12), task="segmentation",
-        primitives=["TranslateX"], num_ops=1,
+        {"TranslateX": translate_encoder(3, 12)},
+        size=(12, 12),
+        task="segmentation",
+        primitives=["TranslateX"],
+        num_ops=1,
     )
     with torch.no_grad():
         refiner.theta_p.fill_(1e4)
@@ -140,10 +150,94 @@ def test_segmentation_warps_image_and_mask_identically():
     assert not torch.equal(warped, masks)
 
 
+# ---------------------------------------------------------------- detection
+
+
+def test_warp_boxes_by_hand_and_boxes_leaving_the_frame_are_dropped():
+    targets = torch.tensor([[[10, 5, 30, 15, 1], [60, 0, 80, 10, 2], [0, 0, 0, 0, -1]]], dtype=torch.float32)
+    size = (40, 80)
+    # theta maps output to input coordinates: u_in = u_out - 0.5, so content moves right by W / 4 = 20 px
+    shift = torch.tensor([[[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]]])
+    moved = warp_boxes(targets, shift, size)
+    assert moved[0, 0].tolist() == pytest.approx([30, 5, 50, 15, 1])
+    assert moved[0, 1].tolist() == [0, 0, 0, 0, -1]  # 80..100 lies outside the 80-px frame: dropped
+    assert moved[0, 2].tolist() == [0, 0, 0, 0, -1]  # padding stays padding
+    # a mirror (u_in = -u_out): x -> 80 - x
+    mirror = torch.tensor([[[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    assert warp_boxes(targets, mirror, size)[0, 0].tolist() == pytest.approx([50, 5, 70, 15, 1])
+    # a box half out of frame is clamped, one shifted to a sliver under 2 px is dropped
+    near = torch.tensor([[[1.0, 0.0, -1.95], [0.0, 1.0, 0.0]]])  # + 78 px: box 10..30 -> 78..80
+    assert warp_boxes(targets, near, size)[0, 0].tolist() == [0, 0, 0, 0, -1]
+    half = torch.tensor([[[1.0, 0.0, -1.5], [0.0, 1.0, 0.0]]])  # + 60 px: 70..90 -> 70..80
+    assert warp_boxes(targets, half, size)[0, 0].tolist() == pytest.approx([70, 5, 80, 15, 1])
+
+
+def test_warp_boxes_encloses_the_rotated_object_the_image_warp_draws():
+    size = (40, 80)
+    mask = torch.zeros(1, 1, *size)
+    mask[0, 0, 5:15, 10:30] = 1
+    theta = affine_matrix("Rotate", torch.tensor([0.7]), size)  # 21 degrees
+    ys, xs = torch.where(warp(mask, theta, mode="nearest")[0, 0] > 0)
+    box = warp_boxes(torch.tensor([[[10.0, 5.0, 30.0, 15.0, 0.0]]]), theta, size)[0, 0]
+    drawn = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    assert (box[:4] - drawn).abs().max() <= 1.0  # the rotated corners' enclosing box, to a pixel
+
+
+def test_anti_loss_is_ce_of_one_minus_p_by_hand():
+    # L = -log p: p = 1/2 -> -log(1 - 1/2) = log 2; p = 0.9 (L = -log 0.9) -> -log 0.1
+    assert anti_loss(torch.tensor(math.log(2))).item() == pytest.approx(math.log(2))
+    assert anti_loss(torch.tensor(-math.log(0.9))).item() == pytest.approx(-math.log(0.1), rel=1e-5)
+    assert torch.isfinite(anti_loss(torch.tensor(0.0)))  # clamped: a perfect student is finite
+
+
+def test_detection_moves_boxes_with_x_hat_and_stage_ii_reads_the_detectors_losses(one_thread):
+    refiner = refiner_with(
+        {"TranslateX": translate_encoder(8, 64)},
+        size=(32, 64),
+        task="detection",
+        primitives=["TranslateX"],
+        num_ops=1,
+    )
+    with torch.no_grad():
+        refiner.theta_p.fill_(1e4)  # always applied, at full magnitude
+        refiner.theta_m.fill_(1e4)
+    targets = torch.tensor([[[4, 4, 20, 20, 0], [50, 8, 62, 30, 1]]] * 2, dtype=torch.float32)
+    images = torch.randn(2, 3, 32, 64)
+    batch, labels = refiner(images, targets, torch.Generator().manual_seed(0), 2, 0)
+    assert torch.equal(batch[:2], images) and torch.equal(labels[:2], targets)  # [x; x_hat]
+    moved = labels[2:]
+    # m = +8 px or -8 px (AutoAugment's random sign, per image); a box pushed past the border is dropped
+    for row in moved:
+        shift = row[0, 2] - 20  # x2 of the first box (its x1 may be clamped at 0)
+        assert abs(abs(float(shift)) - 8) < 1e-3
+        expected = targets[0].clone()
+        expected[:, [0, 2]] = (expected[:, [0, 2]] + shift).clamp(0, 64)
+        keep = (expected[:, 2] - expected[:, 0]) >= 2
+        assert torch.allclose(row[keep], expected[keep], atol=1e-3)
+    teacher = build_model("det_compact_teacher", num_classes=3).eval()
+    student = build_model("det_compact_student", num_classes=3).eval()
+    for p in [*teacher.parameters(), *student.parameters()]:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        refiner.theta_p.zero_(), refiner.theta_m.zero_()
+
+    class Frozen:
+        def losses(self, role, x, t):
+            model = teacher if role == "teacher" else student
+            return model.losses(model(x), t)
+
+    loss, parts = refiner.loss(images, targets, torch.Generator().manual_seed(1), 2, 0, Frozen())
+    assert loss.item() == pytest.approx(parts["teacher_det"].item() + parts["student_anti_det"].item())
+    loss.backward(inputs=[refiner.theta_m, refiner.theta_p])
+    assert refiner.theta_m.grad.abs().sum() > 0 and refiner.theta_p.grad.abs().sum() > 0
+
+
 DDP_REFINERS = {  # refiner entry, terms, learned tensors compared
     "tst": (
         {
-            "name": "tst", "primitives": ["Equalize", "Invert", "Cutout"], "num_ops": 2,
+            "name": "tst",
+            "primitives": ["Equalize", "Invert", "Cutout"],
+            "num_ops": 2,
             "optimizer": {"name": "sgd", "lr": 5.0, "momentum": 0.0, "weight_decay": 0.0},
         },
         [{"name": "ce"}, {"name": "kd"}],
@@ -184,7 +278,10 @@ def test_two_processes_average_refiner_gradients(tmp_path, kind):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         proc = subprocess.run(
             [*launch, "-m", "kdkit", "train", str(path), "--out", str(out)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         states.append(load_checkpoint(out / "checkpoints" / "last.pt")["refiners"][0])

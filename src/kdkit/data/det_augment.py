@@ -20,6 +20,9 @@ from torchvision import tv_tensors
 from .augment import BatchAugment
 from .det_base import check_target, pad_targets, unpad
 
+MIN_BOX = 2.0
+"""Boxes thinner than this (pixels) after a geometric augmentation are dropped."""
+
 
 def fit_scale(height: int, width: int, size: tuple[int, int]) -> float:
     """The factor that makes an ``height x width`` image fit inside ``size`` keeping its aspect."""
@@ -55,7 +58,7 @@ class DetectionAugment:
         flip: bool = True,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
-        min_size: float = 2.0,
+        min_size: float = MIN_BOX,
     ) -> None:
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise ValueError(f"size must be (height, width) in pixels, got {size}")

@@ -54,6 +54,14 @@ class FrozenModels:
     def student(self, images: Tensor) -> Tensor:
         return self.distiller.logits(self.distiller.student, images)
 
+    def losses(self, role: str, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """A detector's own training losses (its ``losses``) on ``images`` and padded box targets, with
+        gradients to the images; ``role``: ``"teacher"`` or ``"student"``."""
+        model = self.distiller.student if role == "student" else self.distiller.teacher
+        if model is None:
+            raise KdkitError("this refiner's loss needs a teacher, but the config has none (set 'teacher:')")
+        return model.losses(model(images), targets)
+
     def features(self, images: Tensor):
         """Both networks' taps on ``images`` as a :class:`~kdkit.terms.base.StepView`, without gradients."""
         return self.distiller.features(images)

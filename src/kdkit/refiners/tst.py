@@ -31,6 +31,15 @@ Our readings, where the paper leaves a choice:
   chosen ops are composed in turn, ``x <- x + p_i (f_E(x, m_i) - x)``, and an affine op applies with a
   hard (straight-through) p in {0, 1}: the mask is warped by the same matrix (nearest; pixels from
   outside the frame get the ignore label). Colour ops and Cutout leave the mask alone.
+- Detection (the "separate algorithm" of the paper's Appendix D, which is not in the seed text): the
+  same composition, for the reason Sec. 3.5 gives (Eq. 5's sum turns one object into several); the
+  boxes move with the meta-encoder's own matrix (:func:`~kdkit.refiners.tst_ops.warp_boxes`: the
+  enclosing box of the moved corners, clamped; boxes left thinner than 2 px are dropped). Stage II
+  (Sec. 4, "losses that drove the student box regression to be inaccurate and the teacher box
+  regression to be accurate"): ``alpha * sum(L_T) + beta * sum(A(L_S))`` over each detector's own
+  losses (classification, box regression, centre-ness), with ``A(L) = -log(1 - exp(-L))``: Eq. 2's
+  ``CE(1 - p)`` written for a loss ``L = -log p``, bounded below (no divergence) and decreasing in L,
+  so the search raises every student loss, the box terms included.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.det_augment import MIN_BOX
 from ..errors import KdkitError
 from ..registry import REFINERS, did_you_mean
 from .base import DataRefiner, RefinerContext, fit_to_size
@@ -52,6 +62,7 @@ from .tst_ops import (
     cutout,
     hand_op,
     warp,
+    warp_boxes,
 )
 
 
@@ -73,6 +84,11 @@ def anti_ce(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     others = logits.scatter(1, safe.unsqueeze(1), float("-inf"))
     loss = torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
     return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def anti_loss(loss: Tensor) -> Tensor:
+    """``A(L) = -log(1 - exp(-L))``: Eq. 2's ``CE(1 - p)`` for a loss ``L = -log p`` (L >= 0)."""
+    return -torch.log(-torch.expm1(-loss.float().clamp(min=1e-6)))
 
 
 @REFINERS.register(
@@ -126,9 +142,10 @@ class TSTRefiner(DataRefiner):
 
     def setup(self, context: RefinerContext) -> None:
         super().setup(context)
-        if context.task not in ("classification", "segmentation"):
+        if context.task not in ("classification", "segmentation", "detection"):
             raise KdkitError(
-                f"tst refiner: task '{context.task}' is not supported (classification, segmentation)"
+                f"tst refiner: task '{context.task}' is not supported "
+                "(classification, segmentation, detection)"
             )
 
     def prepare(self, size: tuple[int, int]) -> None:
@@ -180,13 +197,14 @@ class TSTRefiner(DataRefiner):
         return {"z": z, **{k: v[start : start + count] for k, v in draws.items()}}
 
     def augment(
-        self, images01: Tensor, masks: Tensor | None, generator: torch.Generator, total: int, start: int
+        self, images01: Tensor, moving: Tensor | None, generator: torch.Generator, total: int, start: int
     ) -> tuple[Tensor, Tensor | None]:
-        """x_hat (Eq. 5; composed in turn for segmentation) from images in [0, 1], and the warped masks."""
+        """x_hat (Eq. 5; composed in turn for segmentation and detection) from images in [0, 1], and the
+        labels that move with the pixels (masks, box targets) moved with them."""
         self.prepare(tuple(images01.shape[-2:]))
         device = images01.device
         draws = {k: v.to(device) for k, v in self._draws(generator, total, start, images01.shape[0]).items()}
-        compose = masks is not None
+        compose = moving is not None
         x = images01
         out = images01
         height, width = images01.shape[-2:]
@@ -208,22 +226,30 @@ class TSTRefiner(DataRefiner):
             if compose and name in AFFINE_OPS:
                 hard = (p > 0.5).float()
                 p = hard + p - p.detach()  # straight through: applied fully or not at all
-                matrix = self.encoders[name].matrix(m)
-                ignore = self.context.ignore_index
-                warped = warp(masks.unsqueeze(1).float(), matrix, mode="nearest", fill=ignore)
-                masks = torch.where(hard.view(-1, 1, 1) > 0, warped.squeeze(1).round().long(), masks)
+                moving = self._move(moving, self.encoders[name].matrix(m), hard > 0, (height, width))
             delta = p.view(-1, 1, 1, 1) * (changed - source)
             out = out + delta
-        return out.clamp(0, 1), masks
+        return out.clamp(0, 1), moving
+
+    def _move(self, labels: Tensor, matrix: Tensor, applied: Tensor, size: tuple[int, int]) -> Tensor:
+        """Masks (nearest, out-of-frame pixels ignored) or box targets warped by ``matrix`` where
+        ``applied``."""
+        if self.context.task == "detection":
+            moved = warp_boxes(labels, matrix, size, MIN_BOX)
+        else:
+            ignore = self.context.ignore_index
+            moved = warp(labels.unsqueeze(1).float(), matrix, mode="nearest", fill=ignore)
+            moved = moved.squeeze(1).round().long()
+        return torch.where(applied.view(-1, *[1] * (labels.dim() - 1)), moved, labels)
 
     def forward(
         self, images: Tensor, labels: Tensor, generator: torch.Generator, total: int, start: int
     ) -> tuple[Tensor, Tensor]:
-        """Stage III's batch: ``[x; x_hat]`` (or ``x_hat``) and the labels (masks warped with x_hat)."""
-        masks = labels if self.context.task == "segmentation" else None
-        unit, masks = self.augment(self.context.to_unit(images.float()), masks, generator, total, start)
+        """Stage III's batch: ``[x; x_hat]`` (or ``x_hat``) and the labels (masks, boxes moved with x_hat)."""
+        moving = labels if self._labels_move else None
+        unit, moved = self.augment(self.context.to_unit(images.float()), moving, generator, total, start)
         augmented = self.context.normalize(unit).to(images.dtype)
-        new_labels = masks if masks is not None else labels
+        new_labels = moved if moved is not None else labels
         if not self.keep_original:
             return augmented, new_labels
         return torch.cat([images, augmented]), torch.cat([labels, new_labels])
@@ -237,16 +263,26 @@ class TSTRefiner(DataRefiner):
         start: int,
         frozen: Any,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eq. 2: ``alpha CE(p_T(x_hat), y) + beta CE(1 - p_S(x_hat), y)``, teacher and student frozen."""
-        masks = labels if self.context.task == "segmentation" else None
-        unit, masks = self.augment(self.context.to_unit(images.float()), masks, generator, total, start)
-        target = masks if masks is not None else labels
+        """Eq. 2: ``alpha CE(p_T(x_hat), y) + beta CE(1 - p_S(x_hat), y)``, teacher and student frozen;
+        for detection, over the detectors' own losses (module docstring)."""
+        moving = labels if self._labels_move else None
+        unit, moved = self.augment(self.context.to_unit(images.float()), moving, generator, total, start)
+        target = moved if moved is not None else labels
         x_hat = self.context.normalize(unit).to(images.dtype)
+        if self.context.task == "detection":
+            teacher = sum(frozen.losses("teacher", x_hat, target).values())
+            student = sum(anti_loss(v) for v in frozen.losses("student", x_hat, target).values())
+            loss = self.alpha * teacher + self.beta * student
+            return loss, {"teacher_det": teacher.detach(), "student_anti_det": student.detach()}
         ignore = self.context.ignore_index
         teacher = F.cross_entropy(frozen.teacher(x_hat), target, ignore_index=ignore)
         student = anti_ce(frozen.student(x_hat), target, ignore)
         loss = self.alpha * teacher + self.beta * student
         return loss, {"teacher_ce": teacher.detach(), "student_anti_ce": student.detach()}
+
+    @property
+    def _labels_move(self) -> bool:
+        return self.context.task in ("segmentation", "detection")
 
     def log_state(self) -> dict[str, float]:
         """sigmoid(theta): each primitive's magnitude and probability (the paper's Fig. 2)."""

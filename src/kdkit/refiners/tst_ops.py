@@ -251,3 +251,29 @@ def warp(images: Tensor, theta: Tensor, mode: str = "bilinear", fill: float = 0.
     if not dtype.is_floating_point:
         out = out.round().to(dtype)
     return out
+
+
+def warp_boxes(targets: Tensor, theta: Tensor, size: tuple[int, int], min_size: float = 2.0) -> Tensor:
+    """Padded box targets ``[B, M, 5]`` (``x1, y1, x2, y2, cls`` in pixels, ``cls = -1`` padding) moved
+    by the warp :func:`warp` applies with ``theta`` ``[B, 2, 3]`` to ``size`` (h, w) images.
+
+    ``theta`` maps output to input coordinates in [-1, 1] (``u = 2 x / W - 1`` for a pixel-edge
+    coordinate ``x``, ``align_corners=False``), so a box corner moves by its inverse,
+    ``u_out = A^-1 (u_in - b)``. Each box becomes the enclosing box of its four moved corners (as
+    torchvision's affine on ``BoundingBoxes``), clamped to the frame; boxes thinner than ``min_size``
+    pixels after clamping (they left the frame) become padding. No gradient (boxes are labels)."""
+    h, w = (float(v) for v in size)
+    theta = theta.detach().to(targets.device, torch.float32).expand(targets.shape[0], 2, 3)
+    x1, y1, x2, y2 = targets[..., :4].float().unbind(-1)
+    u = torch.stack([x1, x2, x2, x1], -1) * (2 / w) - 1  # corners [B, M, 4]
+    v = torch.stack([y1, y1, y2, y2], -1) * (2 / h) - 1
+    inv = torch.linalg.inv(theta[:, :, :2]).view(-1, 1, 1, 2, 2)
+    du, dv = u - theta[:, 0, 2].view(-1, 1, 1), v - theta[:, 1, 2].view(-1, 1, 1)
+    xo = (inv[..., 0, 0] * du + inv[..., 0, 1] * dv + 1) * (w / 2)
+    yo = (inv[..., 1, 0] * du + inv[..., 1, 1] * dv + 1) * (h / 2)
+    low = torch.stack([xo.amin(-1).clamp(0, w), yo.amin(-1).clamp(0, h)], -1)
+    boxes = torch.cat([low, torch.stack([xo.amax(-1).clamp(0, w), yo.amax(-1).clamp(0, h)], -1)], -1)
+    sides = boxes[..., 2:] - boxes[..., :2]
+    keep = (targets[..., 4] >= 0) & (sides >= min_size).all(-1)
+    padding = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0], device=targets.device)
+    return torch.where(keep.unsqueeze(-1), torch.cat([boxes, targets[..., 4:].float()], -1), padding)

@@ -129,7 +129,14 @@ class RunOutputs(Callback):
             plots.append(plot_refiner_state(trainer.history, name, trainer.run_dir / f"refiner_{name}.png"))
             if hasattr(slot.refiner, "augment"):
                 size = slot.refiner.size or tuple(data[0][0].shape[-2:])
-                images = torch.stack([fit_to_size(data[i][0], size) for i in range(min(8, len(data)))])
+                items = [data[i] for i in range(min(8, len(data)))]
+                images = torch.stack([fit_to_size(image, size) for image, _ in items])
+                targets, classes = None, None
+                if trainer.task.name == "detection" and all(tuple(x.shape[-2:]) == size for x, _ in items):
+                    from ..data.det_base import pad_targets, unpad
+
+                    targets = pad_targets([unpad(t) for _, t in items])
+                    classes = list(getattr(data, "classes", [])) or None
                 grid = trainer.run_dir / f"refined_{name}.png"
-                plots.append(write_refined_grid(slot.refiner, images, grid))
+                plots.append(write_refined_grid(slot.refiner, images, grid, targets=targets, classes=classes))
         return plots

@@ -59,23 +59,45 @@ def plot_refiner_state(history: list[dict[str, Any]], name: str, path: Path) -> 
 
 
 @torch.no_grad()
-def write_refined_grid(refiner: Any, images: torch.Tensor, path: Path, rows: int = 3) -> Path:
+def write_refined_grid(
+    refiner: Any,
+    images: torch.Tensor,
+    path: Path,
+    rows: int = 3,
+    targets: torch.Tensor | None = None,
+    classes: list[str] | None = None,
+) -> Path:
     """Training images x (uint8 ``[n,3,H,W]``, top row) and ``rows`` draws of x_hat made by
-    ``refiner.augment`` with its final parameters (one row per draw, seeded 0, 1, ...)."""
+    ``refiner.augment`` with its final parameters (one row per draw, seeded 0, 1, ...). Detection:
+    ``targets`` (padded ``[n, M, 5]``) are drawn on x and, moved with the pixels, on each x_hat."""
+    from .boxes import draw_boxes
+
     device = refiner.context.device
     unit = images.to(device).float().div(255)
     count = unit.shape[0]
     fig, axes = plt.subplots(rows + 1, count, figsize=(1.5 * count, 1.6 * (rows + 1)), dpi=110, squeeze=False)
+
+    def show(axis, image: torch.Tensor, boxes: torch.Tensor | None, title: str) -> None:
+        if boxes is not None:
+            valid = boxes[boxes[:, 4] >= 0].cpu()
+            pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            names = classes or [str(i) for i in range(int(valid[:, 4].max()) + 1 if len(valid) else 1)]
+            image = draw_boxes(pixels, valid[:, :4], valid[:, 4].long(), names, captions=False).float() / 255
+        _show(axis, image, title)
+
     for col in range(count):
-        _show(axes[0][col], unit[col], "x")
-    masks = None  # segmentation composes the ops (the masks themselves are not shown)
+        show(axes[0][col], unit[col], None if targets is None else targets[col], "x")
+    moving = None  # segmentation composes the ops (the masks themselves are not shown)
     if refiner.context.task == "segmentation":
-        masks = torch.zeros((count, *unit.shape[-2:]), dtype=torch.long, device=device)
+        moving = torch.zeros((count, *unit.shape[-2:]), dtype=torch.long, device=device)
+    elif targets is not None:
+        moving = targets.to(device)
     for row in range(rows):
         generator = torch.Generator().manual_seed(row)
-        refined, _ = refiner.augment(unit, masks, generator, count, 0)
+        refined, moved = refiner.augment(unit, moving, generator, count, 0)
         for col in range(count):
-            _show(axes[row + 1][col], refined[col], f"x_hat (draw {row + 1})")
+            boxes = moved[col] if targets is not None else None
+            show(axes[row + 1][col], refined[col], boxes, f"x_hat (draw {row + 1})")
     fig.suptitle("refined samples x_hat with the learned magnitudes and probabilities", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

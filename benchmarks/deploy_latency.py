@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from _results import RESULTS, write_table
 
-from kdkit.deploy.commands import export_run, latency_markdown, latency_table
+from kdkit.deploy.commands import export_run
+from kdkit.deploy.latency import latency_markdown, latency_table
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kdkit.cli import app
 from kdkit.data.augment import BatchAugment
 from kdkit.deploy import profile as profile_module
-from kdkit.deploy.commands import export_run, latency_table, predict_onnx
+from kdkit.deploy.commands import export_run, predict_onnx
 from kdkit.deploy.export import ModelSpec, export_student
 from kdkit.deploy.formats import (
     TOLERANCE,
@@ -28,6 +28,7 @@ from kdkit.deploy.formats import (
     read_metadata,
     write_metadata,
 )
+from kdkit.deploy.latency import latency_table
 from kdkit.deploy.profile import latency_stats
 from kdkit.deploy.runtime import load_runtime
 from kdkit.errors import KdkitError

@@ -82,7 +82,7 @@ def test_bad_refiner_settings_are_clear_errors(tmp_path):
         load_config(base=base)
 
 
-def _run_config(tmp_path, **extra):
+def run_config(tmp_path, **extra):
     config = {
         "name": "styled",
         "data": {"name": "embedded", "params": TINY, "batch_size": 16, "eval_batch_size": 32},
@@ -105,7 +105,7 @@ def _run_config(tmp_path, **extra):
 
 
 def test_style_run_writes_the_preview_and_records_the_aspect(tmp_path):
-    summary = train_from_config(_run_config(tmp_path))
+    summary = train_from_config(run_config(tmp_path))
     run = tmp_path / "runs" / "styled"
     assert 0 <= summary["best_top1"] <= 100
     assert (run / "style_preview.png").stat().st_size > 10_000
@@ -139,7 +139,7 @@ def test_feature_only_teacher_is_distilled_on_features_while_labels_teach_the_ta
     """Patent [0040]: a teacher without a task head (a tiny ViT-like encoder) is matched on features
     (student map -> teacher tokens through a connector), the student learns the classes from labels."""
     teacher = TinyViT()
-    config = _run_config(
+    config = run_config(
         tmp_path,
         name="vit-teacher",
         teacher={"name": "module:TinyViT"},

@@ -75,7 +75,7 @@ def profile_cmd(
 
     batches = batch or [1]
     if runtime is not None:
-        from ..deploy.commands import profile_run
+        from ..deploy.latency import profile_run
 
         if not Path(model).is_dir():
             raise KdkitError(f"--runtime needs a run directory, not {model}")

@@ -225,10 +225,19 @@ def test_all_meta_encoders_within_bounds(images):
     assert all(errors[op] <= BOUNDS[op] for op in MAGNITUDE_OPS)
 
 
-def test_missed_bound_is_one_line_error(images):
+def test_missed_bound_is_one_line_error_and_the_fit_is_kept(images, tmp_path, monkeypatch):
+    cache = tmp_path / "enc.safetensors"
     with pytest.raises(KdkitError, match=r"'Brightness' missed its error bound.*fit_steps") as err:
-        fit_meta_encoders(images[:40], steps=1)
+        load_or_fit((32, 32), images[:40], steps=1, cache=cache)
     assert "\n" not in str(err.value)
+    assert cache.is_file()  # cached before the check: a looser bound reuses the fit
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again instead of loading the kept fit")
+
+    monkeypatch.setattr(tst_enc, "BOUNDS", {op: 1e9 for op in MAGNITUDE_OPS})
+    monkeypatch.setattr(tst_enc, "fit_encoder", no_fit)
+    load_or_fit((32, 32), images[:40], steps=1, cache=cache)
 
 
 # ------------------------------------------------------------------ cache

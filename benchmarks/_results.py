@@ -43,12 +43,17 @@ def run_seeds(demo: Callable[..., Path], args: argparse.Namespace) -> list[str]:
 
 
 def train_or_reuse(config_path: Path, run_dir: Path, overrides: list[str]) -> float:
-    """Train ``config_path`` with ``overrides`` into ``run_dir`` unless it finished there (a stopped run
-    resumes from its checkpoint); the wall time in seconds, 0 when reused."""
+    """Train ``config_path`` with ``overrides`` into ``run_dir`` unless it finished there or another
+    process holds it (a stopped run resumes from its checkpoint); the wall time in seconds, 0 when
+    reused or skipped."""
     from kdkit.api import train_from_config
     from kdkit.config import load_config
+    from kdkit.engine.rundir import lock_holder
 
     if (run_dir / "summary.json").is_file():
+        return 0.0
+    if run_dir.is_dir() and lock_holder(run_dir) is not None:  # another benchmark process trains it
+        print(f"{run_dir}: in use by {lock_holder(run_dir)}; skipped")
         return 0.0
     start = time.perf_counter()
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -62,8 +67,11 @@ def seconds(times: list[float]) -> str:
 
 
 def walls_line(walls: dict[tuple[str, int], float]) -> str:
-    """``Wall time per run: kd seed 0: 512 s, ...`` (``reused`` for runs found finished)."""
-    runs = ", ".join(f"{n} seed {s}: {f'{w:.0f} s' if w else 'reused'}" for (n, s), w in walls.items())
+    """``Wall time per run: kd seed 0: 512 s, ...`` (``not trained here`` for runs found finished or
+    trained by another process)."""
+    runs = ", ".join(
+        f"{n} seed {s}: {f'{w:.0f} s' if w else 'not trained here'}" for (n, s), w in walls.items()
+    )
     return f"Wall time per run: {runs}."
 
 

@@ -1,9 +1,11 @@
 """What CRD's memory banks hold at the end of a run: how alike the samples' embeddings are (mean cosine
 between rows), whether they carry the classes (5-nearest-neighbour and nearest-class-centroid accuracy
 of each bank on the training labels), and how the student bank sits against the teacher bank (cosine
-of their centroids, mean cosine of a sample's student row with its own teacher row and with others').
-Reads ``checkpoints/last.pt`` of CRD runs (``weights_only``) and their training set.
-Run:  python benchmarks/crd_banks.py runs/demo-sokd/crd-seed0 [more run dirs]
+of their centroids, mean cosine of a sample's student row with its own teacher row and with others'),
+and whether the student's own features and logits still vary across images (on 256 training images).
+Reads ``checkpoints/last.pt`` of CRD runs (``weights_only``), the exported student and the training set.
+Run:  python benchmarks/crd_banks.py runs/demo-sokd/crd-seed0 [more run dirs; other methods' runs give the
+      student line alone, for comparison]
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.config import load_config
+from kdkit.data.augment import BatchAugment
+from kdkit.deploy.export import load_student
 from kdkit.engine.build import DataCache
 
 
@@ -33,10 +37,14 @@ def centroid_accuracy(bank: torch.Tensor, labels: torch.Tensor) -> float:
 
 def describe(run: Path) -> list[str]:
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["terms"]
-    student = next(v for k, v in state.items() if k.endswith("memory_s"))
-    teacher = next(v for k, v in state.items() if k.endswith("memory_t"))
     config = load_config(run / "config.yaml", ["teacher.weights=null"])
-    labels = DataCache().train(config.data).labels.long()
+    data = DataCache().train(config.data)
+    banks = [k for k in state if k.endswith("memory_s")]
+    if not banks:  # another method's run: its student alone, for comparison
+        return [f"## {run} (no CRD banks)", "", student_outputs(run, data), ""]
+    student = state[banks[0]]
+    teacher = next(v for k, v in state.items() if k.endswith("memory_t"))
+    labels = data.labels.long()
     lines = [f"## {run}", ""]
     for name, bank in (("student bank", student), ("teacher bank", teacher)):
         lines.append(
@@ -50,9 +58,28 @@ def describe(run: Path) -> list[str]:
     lines += [
         f"- cosine of the banks' centroids {float(s_mean @ t_mean):.3f}; a sample's student row against "
         f"its own teacher row {own:.3f}, against other samples' {others:.3f}",
+        student_outputs(run, data),
         "",
     ]
     return lines
+
+
+@torch.no_grad()
+def student_outputs(run: Path, data, count: int = 256) -> str:
+    """Mean norm of the student's pooled embedding (its classifier's input) and the std of its logits
+    across ``count`` training images."""
+    model, spec = load_student(run)
+    images = torch.stack([data[i][0] for i in range(min(count, len(data)))])
+    seen = {}
+    classifier = model.get_submodule(model.embedding_tap.split(":")[0])
+    hook = classifier.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))  # returns None
+    logits = model(BatchAugment(0, False, spec.mean, spec.std).normalize(images))
+    hook.remove()
+    return (
+        f"- student on {len(images)} training images: pooled embedding mean norm "
+        f"{float(seen['x'].flatten(1).norm(dim=1).mean()):.2f}, logit std across images "
+        f"{float(logits.std(0).mean()):.3f}"
+    )
 
 
 def main() -> None:

@@ -99,6 +99,18 @@ def test_eq5_sum_with_probability_one_by_hand():
         assert torch.allclose(x_hat[i], expected, atol=1e-6)
 
 
+def full_translation(pixels: int, size: tuple[int, int], task: str) -> TSTRefiner:
+    """A refiner whose only primitive, TranslateX by ``pixels`` (random sign), is always applied in full."""
+    refiner = refiner_with(
+        {"TranslateX": translate_encoder(pixels, size[1])}, size=size, task=task,
+        primitives=["TranslateX"], num_ops=1,
+    )  # fmt: skip
+    with torch.no_grad():
+        refiner.theta_p.fill_(1e4)
+        refiner.theta_m.fill_(1e4)
+    return refiner
+
+
 def test_gradients_reach_magnitudes_and_probabilities_through_frozen_networks(one_thread):
     refiner = refiner_with(
         {"TranslateX": translate_encoder(2, 16)},
@@ -130,16 +142,7 @@ def test_gradients_reach_magnitudes_and_probabilities_through_frozen_networks(on
 
 
 def test_segmentation_warps_image_and_mask_identically():
-    refiner = refiner_with(
-        {"TranslateX": translate_encoder(3, 12)},
-        size=(12, 12),
-        task="segmentation",
-        primitives=["TranslateX"],
-        num_ops=1,
-    )
-    with torch.no_grad():
-        refiner.theta_p.fill_(1e4)
-        refiner.theta_m.fill_(1e4)
+    refiner = full_translation(3, (12, 12), "segmentation")
     masks = torch.randint(0, 8, (4, 12, 12))
     images = (masks.float() / 10).unsqueeze(1).expand(4, 3, 12, 12).contiguous()
     x_hat, warped = refiner.augment(images, masks, torch.Generator().manual_seed(2), 4, 0)
@@ -191,16 +194,7 @@ def test_anti_loss_is_ce_of_one_minus_p_by_hand():
 
 
 def test_detection_moves_boxes_with_x_hat_and_stage_ii_reads_the_detectors_losses(one_thread):
-    refiner = refiner_with(
-        {"TranslateX": translate_encoder(8, 64)},
-        size=(32, 64),
-        task="detection",
-        primitives=["TranslateX"],
-        num_ops=1,
-    )
-    with torch.no_grad():
-        refiner.theta_p.fill_(1e4)  # always applied, at full magnitude
-        refiner.theta_m.fill_(1e4)
+    refiner = full_translation(8, (32, 64), "detection")
     targets = torch.tensor([[[4, 4, 20, 20, 0], [50, 8, 62, 30, 1]]] * 2, dtype=torch.float32)
     images = torch.randn(2, 3, 32, 64)
     batch, labels = refiner(images, targets, torch.Generator().manual_seed(0), 2, 0)

@@ -97,8 +97,8 @@ def test_torchscript_detector_matches_pytorch_boxes_scores_and_detections(tmp_pa
     )
     runner = load_runtime(path)
     x01 = torch.rand(3, 3, *SIZE, generator=torch.Generator().manual_seed(1))
-    result = parity(module, runner, x01)
-    boxes, scores = result["outputs"]
+    result = parity(module, runner, x01, names=("boxes", "scores"))
+    boxes, scores = result["outputs"]["boxes"], result["outputs"]["scores"]
     assert boxes["max_abs_diff"] <= boxes["tolerance"] and scores["max_abs_diff"] <= scores["tolerance"]
     assert boxes["max_abs_output"] > 50  # pixels of a 64x128 input, held to 1e-4 of their scale
     exported = DetectionRunner(runner, module.settings)

@@ -212,9 +212,7 @@ def export_run(
     else:
         gen = torch.Generator().manual_seed(0)
         images, source = torch.rand(parity_images, 3, *size, generator=gen), "uniform random images"
-    meta["parity"] = {**parity(module, runner, images, batch=32), "source": source}
-    if "outputs" in meta["parity"]:
-        meta["parity"]["outputs"] = dict(zip(names, meta["parity"]["outputs"], strict=True))
+    meta["parity"] = {**parity(module, runner, images, batch=32, names=names), "source": source}
     if config is not None and metric:
         pytorch = task_metric(module, config, limit, size)
         meta["parity"].update(
@@ -248,7 +246,7 @@ def _int8(path, meta, module, config, size, images, calibration, limit, metric) 
         "calibration_images": int(calib.shape[0]),
         "calibration_source": source,
         "settings": "QDQ, activations uint8, weights int8 per channel, MinMax calibration",
-        **_int8_difference(parity(module, runner, images, batch=32), meta),
+        **_int8_difference(parity(module, runner, images, batch=32, names=meta["output"].get("names"))),
         "size_bytes": file_size(target),
         "fp32_size_bytes": file_size(path),
     }
@@ -261,14 +259,12 @@ def _int8(path, meta, module, config, size, images, calibration, limit, metric) 
     return report
 
 
-def _int8_difference(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def _int8_difference(result: dict[str, Any]) -> dict[str, Any]:
     """``max_abs_diff`` of the int8 file from PyTorch, per output for several (a detector's boxes in
     pixels and its scores)."""
     if "outputs" not in result:
         return {"max_abs_diff": result["max_abs_diff"]}
-    names = meta["output"]["names"]
-    diffs = {name: out["max_abs_diff"] for name, out in zip(names, result["outputs"], strict=True)}
-    return {"max_abs_diff": diffs}
+    return {"max_abs_diff": {name: out["max_abs_diff"] for name, out in result["outputs"].items()}}
 
 
 def predict_onnx(

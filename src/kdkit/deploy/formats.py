@@ -178,13 +178,19 @@ def onnx_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def parity(reference: nn.Module, runner: Any, images: Tensor, batch: int | None = None) -> dict[str, Any]:
+def parity(
+    reference: nn.Module,
+    runner: Any,
+    images: Tensor,
+    batch: int | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Max |exported - PyTorch| over ``images`` (float [0, 1]) and the tolerance it is held to.
 
     ``runner(x)`` runs the exported file (see :mod:`kdkit.deploy.runtime`); ``batch`` is the size of the
     chunks fed to both (default: all at once). With several outputs (a tuple) each is held to its own
-    tolerance: ``outputs`` lists them, and the top-level figures are those of the output furthest
-    from its tolerance.
+    tolerance: ``outputs`` maps their ``names`` (default ``"0"``, ``"1"``...) to their figures, and the
+    top-level figures are those of the output furthest from its tolerance.
     """
     worst: list[float] = []
     scale: list[float] = []
@@ -210,7 +216,8 @@ def parity(reference: nn.Module, runner: Any, images: Tensor, batch: int | None 
     first = max(range(len(outputs)), key=lambda i: float("inf") if ratio[i] != ratio[i] else ratio[i])
     result: dict[str, Any] = {"images": int(images.shape[0]), **outputs[first]}
     if len(outputs) > 1:
-        result["outputs"] = outputs
+        keys = list(names) if names is not None else [str(i) for i in range(len(outputs))]
+        result["outputs"] = dict(zip(keys, outputs, strict=True))
     return result
 
 

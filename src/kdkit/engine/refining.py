@@ -46,20 +46,22 @@ class FrozenModels:
 
     distiller: Any
 
-    def teacher(self, images: Tensor) -> Tensor:
-        if self.distiller.teacher is None:
+    def _model(self, role: str) -> nn.Module:
+        model = self.distiller.student if role == "student" else self.distiller.teacher
+        if model is None:
             raise KdkitError("this refiner's loss needs a teacher, but the config has none (set 'teacher:')")
-        return self.distiller.logits(self.distiller.teacher, images)
+        return model
+
+    def teacher(self, images: Tensor) -> Tensor:
+        return self.distiller.logits(self._model("teacher"), images)
 
     def student(self, images: Tensor) -> Tensor:
-        return self.distiller.logits(self.distiller.student, images)
+        return self.distiller.logits(self._model("student"), images)
 
     def losses(self, role: str, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """A detector's own training losses (its ``losses``) on ``images`` and padded box targets, with
         gradients to the images; ``role``: ``"teacher"`` or ``"student"``."""
-        model = self.distiller.student if role == "student" else self.distiller.teacher
-        if model is None:
-            raise KdkitError("this refiner's loss needs a teacher, but the config has none (set 'teacher:')")
+        model = self._model(role)
         return model.losses(model(images), targets)
 
     def features(self, images: Tensor):

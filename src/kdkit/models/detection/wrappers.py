@@ -124,12 +124,15 @@ class DenseTorchvisionDetector(TorchvisionDetector):
     ) -> tuple[Tensor, list[int]]:
         """The anchors of one ``size`` (h, w) image, ``[A, 4]`` xyxy (they depend on the size alone), and
         the number of anchors per level."""
+        outputs = {"image_size": torch.tensor(size)}
+        shapes = [torch.empty((0, 0, h, w), device=device) for h, w in self.level_sizes(outputs)]
+        return self.anchor_generator(image_list(outputs, 1, shapes[0]), shapes)[0], self.level_counts(size)
+
+    def level_counts(self, size: tuple[int, int]) -> list[int]:
+        """The number of anchors per level of one ``size`` (h, w) image."""
         sizes = self.level_sizes({"image_size": torch.tensor(size)})
         per_location = self.anchor_generator.num_anchors_per_location()
-        counts = [h * w * a for (h, w), a in zip(sizes, per_location, strict=True)]
-        shapes = [torch.empty((0, 0, h, w), device=device) for h, w in sizes]
-        outputs = {"image_size": torch.tensor(size)}
-        return self.anchor_generator(image_list(outputs, 1, shapes[0]), shapes)[0], counts
+        return [h * w * a for (h, w), a in zip(sizes, per_location, strict=True)]
 
     def losses(self, outputs: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         anchors, counts = self.anchors(outputs)
@@ -188,7 +191,7 @@ class DenseTorchvisionDetector(TorchvisionDetector):
             "nms_thresh": float(self._tv.nms_thresh),
             "topk_candidates": int(self._tv.topk_candidates),
             "detections_per_img": int(self._tv.detections_per_img),
-            "level_counts": self.anchor_boxes(size)[1],
+            "level_counts": self.level_counts(size),
         }
 
     def _compute_loss(self, targets, head, anchors, counts) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from kdkit.data import BatchAugment, build_dataset
 from kdkit.data import embedded as emb
+from kdkit.data.draws import SampleKeys, sample_keys
 from kdkit.errors import KdkitError
 from kdkit.registry import UnknownNameError
 
@@ -208,13 +210,30 @@ def test_cifar100_fake_folder_and_missing(tmp_path):
 # ---------------------------------------------------------------- augmentation
 
 
-def test_augment_deterministic():
+def _keys(count: int, *base: object) -> SampleKeys:
+    return sample_keys(range(count), *base)
+
+
+def test_sample_keys_are_blake2b_of_base_and_index():
+    u = sample_keys([3, 0], "augment", 7, 0, 2).uniform(2)
+    digest = hashlib.blake2b(repr(("augment", 7, 0, 2, 3)).encode(), digest_size=16).digest()
+    by_hand = [(int.from_bytes(digest[k : k + 8], "little") >> 11) / 2**53 for k in (0, 8)]
+    assert u.dtype == torch.float64 and u.shape == (2, 2) and u[0].tolist() == by_hand
+    assert ((u >= 0) & (u < 1)).all() and u[0, 0] != u[1, 0]
+
+
+def test_augment_deterministic_and_per_sample():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     aug = BatchAugment(crop_padding=2, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
-    first = aug(images, torch.Generator().manual_seed(7))
+    first = aug(images, _keys(16, 7))
     assert first.dtype == torch.float32 and first.shape == images.shape
-    assert torch.equal(first, aug(images, torch.Generator().manual_seed(7)))
-    assert not torch.equal(first, aug(images, torch.Generator().manual_seed(8)))
+    assert torch.equal(first, aug(images, _keys(16, 7)))
+    assert not torch.equal(first, aug(images, _keys(16, 8)))
+    # a sample's view depends on its index only: another batch, another position, the same image
+    picked = torch.tensor([11, 2, 5])
+    assert torch.equal(aug(images[picked], sample_keys(picked, 7)), first[picked])
+    with pytest.raises(ValueError, match="3 images but 2 sample keys"):
+        aug(images[:3], _keys(2, 7))
 
 
 def test_augment_flip_reverses_rows():
@@ -222,19 +241,19 @@ def test_augment_flip_reverses_rows():
     aug = BatchAugment(crop_padding=0, mean=(0.0,), std=(1 / 255,))  # output = pixel values
     seen = set()
     for seed in range(20):
-        out = aug(image, torch.Generator().manual_seed(seed)).round()
+        out = aug(image, _keys(1, seed)).round()
         assert out.tolist() in ([[[[1, 2, 3], [4, 5, 6]]]], [[[[3, 2, 1], [6, 5, 4]]]])
         seen.add(out[0, 0, 0, 0].item())
     assert seen == {1.0, 3.0}
     no_flip = BatchAugment(crop_padding=0, flip=False, mean=(0.0,), std=(1 / 255,))
-    out = no_flip(image.expand(8, 1, 2, 3), torch.Generator().manual_seed(0))
+    out = no_flip(image.expand(8, 1, 2, 3), _keys(8, 0))
     assert torch.allclose(out, image.float().expand(8, 1, 2, 3))  # padding 0, no flip: identity
 
 
 def test_augment_crop_is_a_shifted_window():
     images = torch.randint(1, 256, (32, 3, 5, 5), dtype=torch.uint8)
     aug = BatchAugment(crop_padding=1, flip=False, mean=(0.0,) * 3, std=(1 / 255,) * 3)
-    out = aug(images, torch.Generator().manual_seed(0))
+    out = aug(images, _keys(32, 0))
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1)).float()
     shifts = set()
     for b in range(32):
@@ -260,6 +279,6 @@ def test_augment_normalize_by_hand():
 def test_augment_cpu_generator_cuda_batch():
     images = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
     aug = BatchAugment(crop_padding=2)
-    on_cpu = aug(images, torch.Generator().manual_seed(3))
-    on_gpu = aug(images.cuda(), torch.Generator().manual_seed(3))
+    on_cpu = aug(images, _keys(8, 3))
+    on_gpu = aug(images.cuda(), _keys(8, 3))
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), on_cpu)

@@ -15,6 +15,7 @@ from kdkit.data import road_boxes as rb
 from kdkit.data import road_scenes as rs
 from kdkit.data.det_augment import DetectionAugment, letterbox
 from kdkit.data.det_base import DetectionTensorDataset, pad_targets, unpad
+from kdkit.data.draws import sample_keys
 from kdkit.errors import KdkitError
 
 # ---------------------------------------------------------------- targets and the in-memory dataset
@@ -110,7 +111,7 @@ def test_padding_is_the_mean_colour_where_the_box_says_the_image_is_not():
     aug = DetectionAugment(size=(20, 40), scale=(0.5, 0.5), mean=(0.4,) * 3, std=(0.2,) * 3)
     images = torch.full((8, 3, 20, 40), 255, dtype=torch.uint8)
     targets = torch.tensor([[[0.0, 0, 40, 20, 0]]]).repeat(8, 1, 1)
-    x, y = aug(images, targets, torch.Generator().manual_seed(0))
+    x, y = aug(images, targets, sample_keys(range(8), 0))
     assert len({tuple(t) for t in y[:, 0].tolist()}) > 4  # the positions differ
     for image, target in zip(x, y):
         x1, y1, x2, y2 = (int(v) for v in target[0, :4])
@@ -131,18 +132,18 @@ def _batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images, targets
 
 
-def test_batch_is_deterministic_and_sliceable():
+def test_batch_is_deterministic_and_per_sample():
     aug = DetectionAugment(size=(24, 32), scale=(0.5, 1.5), mean=(0.4,) * 3, std=(0.2,) * 3)
     images, targets = _batch()
-    x, y = aug(images, targets, torch.Generator().manual_seed(3))
+    x, y = aug(images, targets, sample_keys(range(6), 3))
     assert x.shape == (6, 3, 24, 32) and x.dtype == torch.float32 and y.shape == (6, 3, 5)
-    x2, y2 = aug(images, targets, torch.Generator().manual_seed(3))
+    x2, y2 = aug(images, targets, sample_keys(range(6), 3))
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, y3 = aug(images, targets, torch.Generator().manual_seed(4))
+    x3, y3 = aug(images, targets, sample_keys(range(6), 4))
     assert not torch.equal(x, x3)
-    # a process holding rows 2..4 of the global batch of 6 sees exactly those rows
-    xs, ys = aug(images[2:4], targets[2:4], torch.Generator().manual_seed(3), total=6, start=2)
-    assert torch.equal(xs, x[2:4]) and torch.equal(ys, y[2:4])
+    # rows 2..4 held by another process, or in another order, get exactly the same views
+    xs, ys = aug(images[[3, 2]], targets[[3, 2]], sample_keys([3, 2], 3))
+    assert torch.equal(xs, x[[3, 2]]) and torch.equal(ys, y[[3, 2]])
     # valid rows first, padding rows (cls -1) all zero; boxes inside the frame and at least min_size
     for t in y:
         valid = t[:, 4] >= 0
@@ -159,7 +160,7 @@ def test_list_of_sizes_fits_each_image_to_the_size():
     big = [8.0, 4, 20, 16, 0]  # a 40x80 image: fitted to 20x40 by a factor 0.5
     images = [_painted(20, 40, [small]), _painted(40, 80, [big])]
     targets = [torch.tensor([small]), torch.tensor([big, [40.0, 4, 60, 16, 2]])]
-    x, y = aug(images, targets, torch.Generator().manual_seed(0))
+    x, y = aug(images, targets, sample_keys(range(2), 0))
     assert x.shape == (2, 3, 20, 40) and y.shape == (2, 2, 5)
     assert y[0].tolist() == [small, [0, 0, 0, 0, -1]]
     assert y[1].tolist() == [[4.0, 2, 10, 8, 0], [20, 2, 30, 8, 2]]

@@ -146,8 +146,9 @@ def test_focal_loss_hand_case_2_channels_2x2():
     loss = fgd_focal_loss(student, teacher, fg, scale, 0.5, alpha=2, beta=3, gamma=5)
     close(loss, 2 * 2 + 3 * 2 + 5 * _hand_attention_l1())
     # a batch of two copies: per-image sums averaged over the batch -> the same values
-    twice = fgd_focal_parts(student.repeat(2, 1, 1, 1), teacher.repeat(2, 1, 1, 1), fg.repeat(2, 1, 1),
-                            scale.repeat(2, 1, 1), 0.5)
+    twice = fgd_focal_parts(
+        student.repeat(2, 1, 1, 1), teacher.repeat(2, 1, 1, 1), fg.repeat(2, 1, 1), scale.repeat(2, 1, 1), 0.5
+    )
     for key in parts:
         close(twice[key], parts[key])
 
@@ -197,8 +198,10 @@ def _np_reference(student, teacher, boxes, stride, temperature):
 
 def test_focal_parts_match_a_loop_reference_on_random_features():
     student, teacher = rand64(2, 3, 5, 6, seed=1), rand64(2, 3, 5, 6, seed=2)
-    boxes = [[[3, 2, 17, 9, 0], [10, 6, 23.5, 19, 2], [0, 0, 0, 0, -1]], [[1, 1, 5, 5, 1], [0, 0, 0, 0, -1],
-                                                                          [0, 0, 0, 0, -1]]]
+    boxes = [
+        [[3, 2, 17, 9, 0], [10, 6, 23.5, 19, 2], [0, 0, 0, 0, -1]],
+        [[1, 1, 5, 5, 1], [0, 0, 0, 0, -1], [0, 0, 0, 0, -1]],
+    ]
     fg, scale = fgd_masks(t64(boxes), (5, 6), 4)
     parts = fgd_focal_parts(student, teacher, fg, scale, 0.7)
     expected = _np_reference(student, teacher, boxes, 4, 0.7)
@@ -208,8 +211,10 @@ def test_focal_parts_match_a_loop_reference_on_random_features():
 def test_focal_gradcheck():
     fg, scale = fgd_masks(t64([[[1, 1, 6, 5, 0]], [[0, 0, 0, 0, -1]]]), (3, 4), 2)
     assert fg[0].sum() == 9 and fg[1].sum() == 0  # a 3x3-cell box and an image without one
-    assert gradcheck(lambda s, t: fgd_focal_loss(s, t, fg, scale, 0.5, 1.0, 0.5, 1.0),
-                     (rand64(2, 2, 3, 4, seed=3), rand64(2, 2, 3, 4, seed=4)))
+    assert gradcheck(
+        lambda s, t: fgd_focal_loss(s, t, fg, scale, 0.5, 1.0, 0.5, 1.0),
+        (rand64(2, 2, 3, 4, seed=3), rand64(2, 2, 3, 4, seed=4)),
+    )
 
 
 # ------------------------------------------------------------------------------------ global loss
@@ -271,8 +276,10 @@ class TinyFPN(nn.Module):
             if i:
                 x = self.downs[i - 1](torch.relu(x))
             outs.append(level(x))
-        return {"out": torch.cat([o.flatten(2) for o in outs], 2).transpose(1, 2),
-                "image_size": torch.tensor(x.shape[-2:])}
+        return {
+            "out": torch.cat([o.flatten(2) for o in outs], 2).transpose(1, 2),
+            "image_size": torch.tensor(x.shape[-2:]),
+        }
 
 
 def pair() -> tuple[TinyFPN, TinyFPN]:
@@ -320,7 +327,9 @@ def test_fgd_pairs_the_same_taps_as_mimic_where_a_stride_repeats():
         fgd.resolve_taps(student, teacher)
         mimic.resolve_taps(student, teacher)
         assert (fgd.student_taps(), fgd.teacher_taps(), fgd.strides) == (
-            mimic.student_taps(), mimic.teacher_taps(), mimic.strides
+            mimic.student_taps(),
+            mimic.teacher_taps(),
+            mimic.strides,
         )
     # both stride-4 levels pair, last with last (the old FGD kept only the last one declared)
     assert fgd.student_taps() == fgd.teacher_taps() == ["stem", "levels.p2"] and fgd.strides == [4, 4]
@@ -426,8 +435,11 @@ def test_term_gradcheck_float64_through_connectors_and_gcblocks():
     inputs = [rand64(*sh, seed=10 + i) for i, sh in enumerate(s_shapes + t_shapes)]
 
     def loss(*feats):
-        view = StepView(student=dict(zip(s_keys, feats[:2], strict=True)),
-                        teacher=dict(zip(t_keys, feats[2:], strict=True)), labels=targets)
+        view = StepView(
+            student=dict(zip(s_keys, feats[:2], strict=True)),
+            teacher=dict(zip(t_keys, feats[2:], strict=True)),
+            labels=targets,
+        )
         return term(view)
 
     assert gradcheck(loss, tuple(inputs))

@@ -140,7 +140,10 @@ def test_preset_validates_with_literature_schedule(path: Path, fake_weights: Pat
     elif kind == "tst":  # Eq. 2 and 4 settings, one search update every 8 student steps (Table 6)
         (refiner,) = config.refiners
         assert refiner.name == "tst" and refiner.params == {
-            "num_ops": 4, "temperature": 0.05, "alpha": 1.0, "beta": 1.0
+            "num_ops": 4,
+            "temperature": 0.05,
+            "alpha": 1.0,
+            "beta": 1.0,
         }
         assert (refiner.update.every, refiner.update.iterations, refiner.update.epochs) == (8, 1, None)
     else:

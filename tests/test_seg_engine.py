@@ -7,6 +7,7 @@ import torch
 
 from kdkit.config import load_config
 from kdkit.data.base import IGNORE_INDEX, SegmentationTensorDataset
+from kdkit.data.draws import sample_keys
 from kdkit.data.mixing import MixedDataset, mixed_counts
 from kdkit.data.seg_augment import SegmentationAugment
 from kdkit.engine.batches import _collate
@@ -32,7 +33,7 @@ def _decode(normalised: torch.Tensor) -> torch.Tensor:
 def test_augment_keeps_image_and_mask_aligned_and_pads_with_ignore():
     images, masks = _coded(6, 32, 48)
     augment = SegmentationAugment(scale=(0.5, 2.0), crop=(40, 40), flip=True, mean=(0, 0, 0), std=(1, 1, 1))
-    x, y = augment(images, masks, torch.Generator().manual_seed(3))
+    x, y = augment(images, masks, sample_keys(range(6), 3))
     assert x.shape == (6, 3, 40, 40) and y.shape == (6, 40, 40) and y.dtype == torch.int64
     labelled = y != IGNORE_INDEX
     # away from class edges (3x3 neighbourhood of one class) the bilinear image decodes to the mask
@@ -49,23 +50,22 @@ def test_augment_keeps_image_and_mask_aligned_and_pads_with_ignore():
 def test_augment_identity_and_flip_are_exact():
     images, masks = _coded(4, 16, 16)
     plain = SegmentationAugment(flip=False, mean=(0, 0, 0), std=(1, 1, 1))
-    x, y = plain(images, masks, torch.Generator().manual_seed(0))
+    x, y = plain(images, masks, sample_keys(range(4), 0))
     assert torch.equal(y, masks.long()) and torch.equal(_decode(x), masks.long())
     flipping = SegmentationAugment(flip=True, mean=(0, 0, 0), std=(1, 1, 1))
-    gen = torch.Generator().manual_seed(1)
-    _, _, flips = flipping.sample(4, torch.Generator().manual_seed(1))
-    x, y = flipping(images, masks, gen)
+    keys = sample_keys(range(4), 1)
+    _, _, flips = flipping.sample(keys)
+    assert flips.tolist() == (keys.uniform(4)[:, 3] < 0.5).tolist()
+    x, y = flipping(images, masks, keys)
     expect = torch.where(flips[:, None, None], masks.long().flip(-1), masks.long())
     assert torch.equal(y, expect) and torch.equal(_decode(x), expect)
 
 
-def test_augment_slices_of_a_global_batch_match_the_whole_batch():
+def test_augment_slices_of_a_batch_match_the_whole_batch():
     images, masks = _coded(4, 24, 24)
     augment = SegmentationAugment(scale=(0.75, 1.5), crop=(20, 20), mean=(0, 0, 0), std=(1, 1, 1))
-    whole = augment(images, masks, torch.Generator().manual_seed(5))
-    halves = [
-        augment(images[i : i + 2], masks[i : i + 2], torch.Generator().manual_seed(5), 4, i) for i in (0, 2)
-    ]
+    whole = augment(images, masks, sample_keys(range(4), 5))
+    halves = [augment(images[i : i + 2], masks[i : i + 2], sample_keys([i, i + 1], 5)) for i in (0, 2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
     assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
 
@@ -74,7 +74,7 @@ def test_augment_takes_lists_of_differently_sized_samples():
     a, ma = _coded(1, 16, 24)
     b, mb = _coded(1, 32, 24)
     augment = SegmentationAugment(crop=(16, 16), mean=(0, 0, 0), std=(1, 1, 1))
-    x, y = augment([a[0], b[0]], [ma[0], mb[0]], torch.Generator().manual_seed(0))
+    x, y = augment([a[0], b[0]], [ma[0], mb[0]], sample_keys(range(2), 0))
     assert x.shape == (2, 3, 16, 16) and y.shape == (2, 16, 16)
 
 

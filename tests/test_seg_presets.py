@@ -76,7 +76,8 @@ def test_tst_table_4_preset(weights):
     config = load(CONFIGS / "cityscapes" / "pspnet_resnet18" / "tst.yaml", weights)
     assert (config.teacher.name, config.student.name) == ("pspnet_resnet101", "pspnet_resnet18")
     assert [(t.name, t.weight, t.params) for t in config.terms] == [
-        ("ce", 1.0, {}), ("kd", 1.0, {"temperature": 4.0})
+        ("ce", 1.0, {}),
+        ("kd", 1.0, {"temperature": 4.0}),
     ]
     (refiner,) = config.refiners
     assert refiner.name == "tst" and refiner.params["num_ops"] == 4 and refiner.update.every == 8

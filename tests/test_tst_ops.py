@@ -67,8 +67,9 @@ def test_brightness_color_contrast_hand_values():
     red[:, 0] = 1.0
     # Color m=-1: factor 0.1, blended with grey 0.2989 (ITU-R 601 luma of pure red)
     out = hand_op("Color", red, -one)
-    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.1 + 0.9 * 0.2989, 0.9 * 0.2989, 0.9 * 0.2989]),
-                          atol=1e-4)
+    assert torch.allclose(
+        out[0, :, 0, 0], torch.tensor([0.1 + 0.9 * 0.2989, 0.9 * 0.2989, 0.9 * 0.2989]), atol=1e-4
+    )
     # Contrast m=-1: factor 0.1, blended with the image's mean grey (0.2989 for an all-red image)
     assert torch.allclose(hand_op("Contrast", red, -one)[0, :, 0, 0], out[0, :, 0, 0], atol=1e-4)
 
@@ -91,7 +92,7 @@ def test_cutout_square_and_generator():
     a = hand_op("Cutout", x, None, torch.Generator().manual_seed(3))
     b = hand_op("Cutout", x, None, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    grey = (a[:, 0] == 0.5)
+    grey = a[:, 0] == 0.5
     assert set(a.unique().tolist()) <= {0.0, 0.5}
     assert (grey.sum(dim=(1, 2)) <= 16 * 16).all() and (grey.sum(dim=(1, 2)) >= 8 * 8).all()
     rows, cols = grey.any(dim=2), grey.any(dim=1)  # the grey region is one axis-aligned square

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +291,26 @@ def prepare_config(path: str | Path, overrides: Sequence[str] = ()) -> list[str]
     return lines
 
 
+def cache_teacher(
+    path: str | Path, overrides: Sequence[str] = (), progress: Callable[[str], None] = print
+) -> list[str]:
+    """Fill the run's teacher-output cache ahead of training (:func:`kdkit.engine.teacher_cache.fill`);
+    ``runtime.teacher_cache.enabled`` is implied. Under ``torchrun`` each process fills its share.
+    Returns one line per stage that reads the teacher."""
+    from .engine.build import build_run
+    from .engine.teacher_cache import fill
+
+    config = load_config(path, [*overrides, "runtime.teacher_cache.enabled=true"])
+    if config.teacher is None:
+        raise KdkitError(f"{path} has no teacher: there is nothing to cache")
+    built = build_run(config, callbacks=[])
+    try:
+        lines = fill(built.trainer, progress)
+    finally:
+        built.trainer.distiller.release_taps()
+    return lines or ["no stage of the run reads the teacher: nothing to cache"]
+
+
 def inspect_config(path: str | Path, overrides: Sequence[str] = (), dry: bool = False) -> dict[str, Any]:
     """Build a run without training: tap shapes, connectors, parameter counts, module shapes.
 
@@ -386,5 +406,3 @@ def profile_model(
     else:
         network, image_size = build_model(str(model), num_classes=num_classes), (size, size)
     return profile(network, tuple(image_size), batch=batch, device=device)
-
-

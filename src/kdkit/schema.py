@@ -185,6 +185,14 @@ class StageConfig(Strict):
         return self
 
 
+class TeacherCacheConfig(Strict):
+    """The teacher-output cache (:mod:`kdkit.engine.teacher_cache`): logits per (stage, epoch, sample)."""
+
+    enabled: bool = Field(False, description="replay the teacher's logits from the cache; fill it as needed")
+    topk: int = Field(0, ge=0, description="0: full fp32 logits (exact replay); k: top-k fp16 + logsumexp")
+    dir: str | None = Field(None, description="default: $KDKIT_CACHE/teacher-outputs")
+
+
 class RuntimeConfig(Strict):
     device: str = "auto"
     threads: int | Literal["auto"] = Field(
@@ -202,6 +210,7 @@ class RuntimeConfig(Strict):
     checkpoint_every_steps: int = Field(0, ge=0, description="0: at the end of each epoch only")
     log_every: int = Field(20, ge=1)
     progress: bool = True
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
 
     @model_validator(mode="after")
     def _threads_not_negative(self) -> RuntimeConfig:

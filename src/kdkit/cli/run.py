@@ -1,5 +1,5 @@
-"""``kdkit`` subcommands that train and compare: list, train, eval, inspect, prepare, train-style,
-compare, demo."""
+"""``kdkit`` subcommands that train and compare: list, train, eval, inspect, prepare, cache-teacher,
+train-style, compare, demo."""
 
 from __future__ import annotations
 
@@ -183,6 +183,18 @@ def prepare(config: Annotated[Path, typer.Argument(help="YAML config")], set_: S
         console.print(line, highlight=False, markup=False)
 
 
+@app.command("cache-teacher")
+@user_errors
+def cache_teacher(config: Annotated[Path, typer.Argument(help="YAML config")], set_: SetOption = None):
+    """Run the config's teacher over every epoch's augmented samples and store its logits, so that runs
+    of the config (any student, any logit term) replay them instead of running the teacher. Under
+    torchrun each process fills its share; on a GPU set runtime.device=cuda."""
+    from ..api import cache_teacher as fill
+
+    for line in fill(config, set_ or [], progress=lambda text: console.print(text, highlight=False)):
+        console.print(line, highlight=False, markup=False)
+
+
 @app.command("train-style")
 @user_errors
 def train_style(
@@ -272,8 +284,8 @@ def demo(
     """Embedded data -> teacher -> students -> report.md comparing them.
 
     classification: student alone, KD, DKD. segmentation: student alone, CWD, I2CKD, Spirit
-    Distillation and Enhanced Spirit Distillation at several r. detection: student alone, mimic, PKD,
-    FGD, and mimic + style (patent claim 14). --style: plain KD vs style-augmented KD (patent US
+    Distillation and Enhanced Spirit Distillation at several r. detection: student alone, mimic, PKD
+    and mimic + style (patent claim 14). --style: plain KD vs style-augmented KD (patent US
     2025/0265822), trained on day images, evaluated on every style (classification, segmentation).
     """
     from importlib import import_module

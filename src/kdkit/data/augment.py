@@ -1,7 +1,8 @@
-"""Batch augmentation with an explicit generator: reproducible and resumable mid-epoch.
+"""Batch augmentation from per-sample keys: reproducible, resumable mid-epoch, batch-independent.
 
-Random numbers are drawn on the generator's device (a CPU generator works for a CUDA batch)
-and moved to the batch's device, so the same generator state gives the same batch anywhere.
+Each sample's parameters come from its own :class:`~kdkit.data.draws.SampleKeys` stream (drawn on the
+CPU, moved to the batch's device), so a sample is augmented the same way whatever batch, batch
+position or process holds it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .draws import SampleKeys
+
 
 class BatchAugment:
     """Random crop (zero padding, per-sample offsets) + horizontal flip, then normalisation.
@@ -21,7 +24,7 @@ class BatchAugment:
     left/right signs): set ``flip: false`` for those (and ``crop_padding: 0`` where a shift matters).
     Each run's ``report.md`` states the augmentation it used.
 
-    ``augment(images, generator)`` takes uint8 (0..255) or float (0..1) ``[B,C,H,W]`` and
+    ``augment(images, keys)`` takes uint8 (0..255) or float (0..1) ``[B,C,H,W]`` and
     returns normalised float32; :meth:`normalize` is the evaluation path (no randomness).
     """
 
@@ -47,28 +50,19 @@ class BatchAugment:
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         return (x - mean) / std
 
-    def sample(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Random parameters of ``count`` samples: crop offsets ``[count, 2]`` and flip flags ``[count]``."""
-        p = self.crop_padding
-        offsets = torch.randint(0, 2 * p + 1, (count, 2), generator=generator, device=generator.device)
-        flips = torch.rand(count, generator=generator, device=generator.device) < 0.5
-        return offsets, flips & self.flip
+    def sample(self, keys: SampleKeys) -> tuple[Tensor, Tensor]:
+        """Each sample's crop offsets ``[B, 2]`` (uniform in ``0..2p``) and flip flag ``[B]``."""
+        u = keys.uniform(3)
+        offsets = (u[:, :2] * (2 * self.crop_padding + 1)).long()
+        return offsets, (u[:, 2] < 0.5) & self.flip
 
-    def __call__(
-        self, images: Tensor, generator: torch.Generator, total: int | None = None, start: int = 0
-    ) -> Tensor:
-        """Augment ``images``, the slice ``[start, start + B)`` of a batch of ``total`` samples.
-
-        Parameters are drawn for the whole batch and sliced, so processes that each hold a slice of
-        one global batch augment it exactly as one process holding all of it would.
-        """
+    def __call__(self, images: Tensor, keys: SampleKeys) -> Tensor:
+        """Augment ``images`` ``[B,C,H,W]``, row ``j`` with the stream of sample ``keys.indices[j]``."""
         b, _, h, w = images.shape
         p = self.crop_padding
-        offsets, flips = self.sample(total or b, generator)
-        offsets, flips = (
-            offsets[start : start + b].to(images.device),
-            flips[start : start + b].to(images.device),
-        )
+        if len(keys) != b:
+            raise ValueError(f"{b} images but {len(keys)} sample keys")
+        offsets, flips = (t.to(images.device) for t in self.sample(keys))
         # one gather does crop and flip: source row/column of every output pixel, per sample
         cols = torch.arange(w, device=images.device).expand(b, w)
         cols = torch.where(flips[:, None], w - 1 - cols, cols) + offsets[:, 1:]

@@ -1,8 +1,8 @@
 """Joint image/box augmentation for detection: random scale, crop/pad at a random position, flip.
 
-Parameters are sampled for the whole global batch from an explicit generator and then applied to
-this process's slice (as :class:`~kdkit.data.seg_augment.SegmentationAugment` does), so the same
-generator state gives the same views anywhere. The geometry runs through
+Each sample's parameters come from its own :class:`~kdkit.data.draws.SampleKeys` stream (as in
+:class:`~kdkit.data.seg_augment.SegmentationAugment`), so a sample gets the same view in any batch or
+process. The geometry runs through
 ``torchvision.transforms.v2.functional`` on the image and on ``tv_tensors.BoundingBoxes`` together,
 so boxes move exactly with the pixels; boxes are clamped to the output frame and dropped when they
 leave it or get thinner than ``min_size`` pixels.
@@ -19,6 +19,8 @@ from torchvision import tv_tensors
 
 from .augment import BatchAugment
 from .det_base import check_target, pad_targets, unpad
+from .draws import SampleKeys
+from .seg_augment import scale_position_flip
 
 MIN_BOX = 2.0
 """Boxes thinner than this (pixels) after a geometric augmentation are dropped."""
@@ -41,7 +43,7 @@ def letterbox(image: Tensor, size: Sequence[int]) -> tuple[Tensor, float]:
 
 
 class DetectionAugment:
-    """``(images, targets, generator) -> (normalised float images [B,3,h,w], targets [B,M,5])``.
+    """``(images, targets, keys) -> (normalised float images [B,3,h,w], targets [B,M,5])``.
 
     Per image: resize by ``fit * s`` (``fit`` makes the image fit ``size`` keeping its aspect, 1 when it
     already has that size; ``s`` uniform in ``scale``), crop or pad to ``size`` at a uniformly random
@@ -70,15 +72,9 @@ class DetectionAugment:
         self.min_size = float(min_size)
         self._normalize = BatchAugment(0, False, mean, std)
 
-    def sample(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample scale factors ``[count]``, crop/pad positions in [0,1) ``[count,2]``, flips
-        ``[count]``."""
-        lo, hi = self.scale
-        dev = generator.device
-        scales = lo + (hi - lo) * torch.rand(count, generator=generator, device=dev)
-        positions = torch.rand(count, 2, generator=generator, device=dev)
-        flips = torch.rand(count, generator=generator, device=dev) < 0.5
-        return scales.cpu(), positions.cpu(), (flips & self.flip).cpu()
+    def sample(self, keys: SampleKeys) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample scale factors ``[B]``, crop/pad positions in [0,1) ``[B,2]``, flips ``[B]``."""
+        return scale_position_flip(keys, self.scale, self.flip)
 
     @staticmethod
     def offset(length: int, crop: int, position: float) -> int:
@@ -121,11 +117,9 @@ class DetectionAugment:
         self,
         images: Tensor | list[Tensor],
         targets: Tensor | list[Tensor],
-        generator: torch.Generator,
-        total: int | None = None,
-        start: int = 0,
+        keys: SampleKeys,
     ) -> tuple[Tensor, Tensor]:
-        """Augment the slice ``[start, start + B)`` of a global batch of ``total`` samples.
+        """Augment a batch, row ``j`` with the stream of sample ``keys.indices[j]``.
 
         The geometry runs on the uint8 images (fast); the batch is then normalised at once and the
         padding set to 0 in normalised units.
@@ -137,7 +131,7 @@ class DetectionAugment:
             [unpad(t) for t in targets] if isinstance(targets, Tensor) else [check_target(t) for t in targets]
         )
         most = targets.shape[1] if isinstance(targets, Tensor) else max((len(t) for t in rows), default=0)
-        scales, positions, flips = (p[start : start + count] for p in self.sample(total or count, generator))
+        scales, positions, flips = self.sample(keys)
         size = self.size or tuple(images[0].shape[-2:])
         out, boxes = [], []
         inside = torch.zeros(count, 1, *size, dtype=torch.bool)

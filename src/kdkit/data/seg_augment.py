@@ -1,10 +1,10 @@
 """Joint image/mask augmentation for segmentation: random scale, crop with ignore fill, flip.
 
-Parameters are sampled for the whole global batch from an explicit generator and then applied to
-this process's slice (as :class:`~kdkit.data.augment.BatchAugment` does), so the same generator state
-gives the same views anywhere. Images are resized bilinearly, masks with nearest neighbours; the
-padding needed when a rescaled image is smaller than the crop is 0 in normalised units (the mean
-colour) for images and the ignore index for masks, so padded pixels never count in a loss.
+Each sample's parameters come from its own :class:`~kdkit.data.draws.SampleKeys` stream (as in
+:class:`~kdkit.data.augment.BatchAugment`), so a sample gets the same view in any batch or process.
+Images are resized bilinearly, masks with nearest neighbours; the padding needed when a rescaled
+image is smaller than the crop is 0 in normalised units (the mean colour) for images and the ignore
+index for masks, so padded pixels never count in a loss.
 """
 
 from __future__ import annotations
@@ -17,10 +17,21 @@ from torch import Tensor
 
 from .augment import BatchAugment
 from .base import IGNORE_INDEX
+from .draws import SampleKeys
+
+
+def scale_position_flip(
+    keys: SampleKeys, scale: tuple[float, float], flip: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample scale factors uniform in ``scale`` ``[B]``, crop positions in [0,1) ``[B,2]`` and flips
+    ``[B]`` (probability 1/2 when ``flip``): the draws of the segmentation and detection augmenters."""
+    u = keys.uniform(4)
+    lo, hi = scale
+    return lo + (hi - lo) * u[:, 0], u[:, 1:3], (u[:, 3] < 0.5) & flip
 
 
 class SegmentationAugment:
-    """``(images, masks, generator) -> (normalised float images [B,3,h,w], int64 masks [B,h,w])``.
+    """``(images, masks, keys) -> (normalised float images [B,3,h,w], int64 masks [B,h,w])``.
 
     ``images``/``masks`` are a batch (uint8 ``[B,3,H,W]``, ``[B,H,W]``) or lists of differently sized
     samples. ``crop`` ``(h, w)`` defaults to the size of the first sample.
@@ -41,14 +52,9 @@ class SegmentationAugment:
         self.ignore_index = ignore_index
         self._normalize = BatchAugment(0, False, mean, std)
 
-    def sample(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample scale factors ``[count]``, crop positions in [0,1) ``[count,2]``, flips ``[count]``."""
-        lo, hi = self.scale
-        dev = generator.device
-        scales = lo + (hi - lo) * torch.rand(count, generator=generator, device=dev)
-        positions = torch.rand(count, 2, generator=generator, device=dev)
-        flips = torch.rand(count, generator=generator, device=dev) < 0.5
-        return scales, positions, flips & self.flip
+    def sample(self, keys: SampleKeys) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample scale factors ``[B]``, crop positions in [0,1) ``[B,2]``, flips ``[B]``."""
+        return scale_position_flip(keys, self.scale, self.flip)
 
     def one(
         self, image: Tensor, mask: Tensor, scale: float, position: Tensor, flip: bool, crop: tuple[int, int]
@@ -75,18 +81,13 @@ class SegmentationAugment:
         self,
         images: Tensor | list[Tensor],
         masks: Tensor | list[Tensor],
-        generator: torch.Generator,
-        total: int | None = None,
-        start: int = 0,
+        keys: SampleKeys,
     ) -> tuple[Tensor, Tensor]:
-        """Augment the slice ``[start, start + B)`` of a global batch of ``total`` samples."""
-        count = len(images)
-        scales, positions, flips = (p[start : start + count] for p in self.sample(total or count, generator))
+        """Augment a batch, row ``j`` with the stream of sample ``keys.indices[j]``."""
+        scales, positions, flips = self.sample(keys)
         crop = self.crop or tuple(images[0].shape[-2:])
         pairs = [
-            self.one(
-                self._normalize.normalize(image[None])[0], mask.long(), float(s), pos, bool(f), crop
-            )
+            self.one(self._normalize.normalize(image[None])[0], mask.long(), float(s), pos, bool(f), crop)
             for image, mask, s, pos, f in zip(images, masks, scales, positions, flips)
         ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -29,6 +29,7 @@ EXPECTED_TEACHER = {
 }
 TEACHER_FLOOR = 0.8
 
+
 def preset(name: str) -> Path:
     """Path of a packaged preset, e.g. ``preset("demo/kd.yaml")``."""
     return Path(str(resources.files("kdkit") / "configs" / name))

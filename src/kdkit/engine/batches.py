@@ -1,7 +1,8 @@
 """Deterministic, resumable batch streams.
 
-Every random choice is a function of ``(seed, stage, epoch, step)``: the epoch's permutation, each
-step's augmentation and the global RNG. So a run resumed at step ``k`` of an epoch sees exactly the
+Every random choice is a function of ``(seed, stage, epoch, step)`` or, for a sample's augmentation,
+``(seed, stage, epoch, dataset index)``: the epoch's permutation, each sample's augmentation and the
+global RNG. So a run resumed at step ``k`` of an epoch sees exactly the
 batches an uninterrupted run would, and ``N`` processes each take a contiguous slice of the same
 global batch that one process would see (``batch_size`` is global).
 """
@@ -9,7 +10,7 @@ global batch that one process would see (``batch_size`` is global).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.det_base import pad_targets
+from ..data.draws import sample_keys
 from ..errors import KdkitError
 from .distributed import DistInfo
 
@@ -29,6 +31,30 @@ def derive_seed(*parts: object) -> int:
 
 def generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def to_device(
+    value: torch.Tensor | list[torch.Tensor], device: torch.device
+) -> torch.Tensor | list[torch.Tensor]:
+    """Move a batch tensor, or a list of differently sized samples, to ``device``."""
+    if isinstance(value, list):
+        return [v.to(device) for v in value]
+    return value.to(device)
+
+
+def augment_batch(
+    augment: Callable[..., tuple[Any, Any]],
+    images: Any,
+    labels: Any,
+    indices: torch.Tensor,
+    device: torch.device,
+    epoch_seed: tuple[object, ...],
+) -> tuple[Any, Any]:
+    """A batch on ``device`` through the task's augmenter; sample ``i`` draws from its own stream
+    ``("augment", *epoch_seed, i)`` with ``epoch_seed = (seed, stage, epoch)`` (:mod:`kdkit.data.draws`),
+    so training and ``kdkit cache-teacher`` augment every sample identically."""
+    keys = sample_keys(indices, "augment", *epoch_seed)
+    return augment(to_device(images, device), to_device(labels, device), keys)
 
 
 def _collate(items: list[tuple[torch.Tensor, Any]], boxes: bool = False) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TermConfig, dump_config
 from ..data import build_dataset
+from ..data.draws import sample_keys
 from ..data.mixing import MixedDataset
 from ..deploy.export import ModelSpec
 from ..errors import ConfigError
@@ -23,6 +24,7 @@ from ..models import build_model, load_weights
 from ..refiners import RefinerContext
 from ..registry import REFINERS, TERMS
 from ..taps import main_output
+from ..terms.base import LOGITS
 from .callbacks import Callback, ProgressBar
 from .distiller import Distiller, WeightedTerm
 from .distributed import init_distributed, resolve_device, sync_batchnorm
@@ -30,6 +32,7 @@ from .evaluate import resolve_precision
 from .refining import Refining
 from .stages import Stage
 from .tasks import build_task
+from .teacher_cache import stage_caches
 from .teacher_input import attach_teacher_input
 from .trainer import Trainer
 
@@ -163,7 +166,7 @@ def dry_run_batch(trainer: Trainer, stage: Stage) -> torch.Tensor:
     if trainer.task.name == "classification":
         images, labels = torch.stack(images), torch.as_tensor([int(lb) for lb in labels])
     augment = trainer.task.augmenter(stage.augment)
-    batch, _ = augment(images, labels, torch.Generator().manual_seed(0), total=len(items), start=0)
+    batch, _ = augment(images, labels, sample_keys(range(len(items)), "dry-run"))
     return batch.to(trainer.device).contiguous(memory_format=trainer.memory_format)
 
 
@@ -274,6 +277,10 @@ def build_run(
     for refiner in refiners:
         refiner.prepare(tuple(sample.shape[-2:]))
     shapes = distiller.setup(sample)
+    logits = shapes.get("teacher", {}).get(LOGITS)
+    trainer.teacher_caches = stage_caches(
+        config, teacher, stages, trainer.refining, task.name, logits[1] if logits is not None else None
+    )
     trainer.refining.bind_features(distiller, shapes.get("teacher", {}), [s.name for s in config.stages])
     if teacher is not None and trainer.evaluate_teacher:
         trainer.evaluate_teacher = predicts_classes(teacher, sample, num_classes)

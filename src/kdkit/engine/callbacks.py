@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -54,7 +55,7 @@ class Callback:
     def on_step_end(self, trainer: TrainerView, stage: StageView, step: int) -> None: ...
 
     def on_log(self, trainer: TrainerView, record: dict[str, Any]) -> None:
-        """A metrics record (``kind`` = train, eval, teacher_eval); rank 0 only."""
+        """A metrics record (``kind`` = train, eval, teacher_eval, teacher_cache); rank 0 only."""
 
     def on_stage_end(self, trainer: TrainerView, stage: StageView) -> None: ...
 
@@ -122,6 +123,8 @@ class LogLines(Callback):
         if kind == "teacher_eval":
             metric = trainer.task.metric
             self._write(f"[{trainer.name}] teacher {metric} {record[metric]:.2f}")
+        if kind == "teacher_cache":
+            self._write(f"[{trainer.name}] {record['stage']}: {record['text']}")
         if self.stage is None:
             return
         if kind == "train":
@@ -188,6 +191,10 @@ class ProgressBar(Callback):
     def on_log(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if self.lines is not None:
             self.lines.on_log(trainer, record)
+        elif record["kind"] == "teacher_cache":
+            (self.progress.console if self.progress is not None else Console()).print(
+                f"[{trainer.name}] {record['stage']}: {record['text']}", markup=False, highlight=False
+            )
         elif record["kind"] == "train":
             self.latest = f"loss {record['loss']:.3f}  {record['images_per_s']:.0f} img/s"
         elif record["kind"] == "eval":

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import KdkitError
 from ..taps import Taps, dry_run, main_output
-from ..terms.base import StepView, Term
+from ..terms.base import LOGITS, StepView, Term
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Distiller(nn.Module):
         self.stage = 0
         self._student_taps: Taps | None = None
         self._teacher_taps: Taps | None = None
+        self.last_teacher_logits: Tensor | None = None
 
     @staticmethod
     def term_key(stage: int, index: int, name: str) -> str:
@@ -113,25 +114,39 @@ class Distiller(nn.Module):
         epoch_progress: float = 0.0,
         indices: Tensor | None = None,
         refine: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        teacher_logits: Tensor | None = None,
     ):
         """Weighted total loss, the per-term (unweighted) values, and the student's logits;
         ``indices`` are the samples' dataset indices (for terms with per-sample memories); ``refine``
-        maps the teacher's taps to what the terms read (the run's feature refiners, without gradients)."""
+        maps the teacher's taps to what the terms read (the run's feature refiners, without gradients).
+        ``teacher_logits`` replays the teacher's logits (:mod:`~kdkit.engine.teacher_cache`) instead of
+        running it; a live teacher's logits are kept in :attr:`last_teacher_logits`."""
         if self._student_taps is None:
             raise RuntimeError("call Distiller.setup(sample) before the first forward pass")
         terms = self.active_terms()
         teacher_out: dict[str, Tensor] = {}
         teacher_raw = None
-        if self._teacher_taps is not None and any(wt.term.needs_teacher for wt in terms):
+        self.last_teacher_logits = None
+        if teacher_logits is not None:
+            teacher_out = {LOGITS: teacher_logits.to(images.device)}
+            teacher_raw = teacher_out[LOGITS]
+        elif self._teacher_taps is not None and any(wt.term.needs_teacher for wt in terms):
             with torch.no_grad():
                 teacher_out = {k: v.float() for k, v in self._teacher_taps(images).items()}
                 teacher_raw = self._teacher_taps.output
+                self.last_teacher_logits = teacher_out.get(LOGITS)
                 if refine is not None:
                     teacher_out = refine(teacher_out)
         student_out = {k: v.float() for k, v in self._student_taps(images).items()}
         view = StepView(
-            student_out, teacher_out, labels, epoch, epoch_progress, indices,
-            self._student_taps.output, teacher_raw,
+            student_out,
+            teacher_out,
+            labels,
+            epoch,
+            epoch_progress,
+            indices,
+            self._student_taps.output,
+            teacher_raw,
         )
         parts: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)

@@ -16,13 +16,16 @@ from torch import Tensor, nn
 from ..config import AugmentConfig, EvalConfig
 from ..data.augment import BatchAugment
 from ..data.det_augment import DetectionAugment
+from ..data.draws import SampleKeys
 from ..data.seg_augment import SegmentationAugment
 from ..errors import KdkitError
 from .batches import Batches
 from .detmetrics import evaluate_detection
 from .evaluate import evaluate, evaluate_segmentation
 
-Augmenter = Callable[..., tuple[Tensor, Tensor]]
+Augmenter = Callable[[Any, Any, SampleKeys], tuple[Tensor, Tensor]]
+"""``(images, labels, keys) -> (normalised float images, labels)``: one batch, each sample augmented with
+its own stream (:mod:`kdkit.data.draws`)."""
 
 # ``miou`` is the dataset mIoU (one confusion matrix over all images); ``miou_per_image`` the mean of
 # per-image mIoUs (Spirit Distillation Eq. 5). Labels keep them apart wherever a figure is printed.
@@ -44,8 +47,8 @@ class ClassificationTask:
     def augmenter(self, config: AugmentConfig) -> Augmenter:
         augment = BatchAugment(config.crop_padding, config.flip, self.mean, self.std)
 
-        def apply(images: Tensor, labels: Tensor, gen: torch.Generator, total: int, start: int):
-            return augment(images, gen, total=total, start=start), labels
+        def apply(images: Tensor, labels: Tensor, keys: SampleKeys):
+            return augment(images, keys), labels
 
         return apply
 
@@ -80,7 +83,7 @@ class SegmentationTask(ClassificationTask):
         self.ignore_index = ignore_index
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
-        # (images, masks, generator, total, start) -> batch: already the Augmenter signature
+        # (images, masks, keys) -> batch: already the Augmenter signature
         return SegmentationAugment(config.scale, config.crop, config.flip, self.mean, self.std)
 
     def evaluate(

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import RuntimeConfig
 from ..data.augment import BatchAugment
 from ..errors import KdkitError
-from .batches import Batches, derive_seed, generator
+from .batches import Batches, augment_batch, derive_seed
 from .callbacks import Callback
 from .checkpoint import DiskFullError, atomic_write_json, is_disk_full, position
 from .distiller import Distiller
@@ -44,6 +44,7 @@ from .schedule import lr_factor
 from .stages import Stage, build_optimizer, select_parameters
 from .summary import run_summary
 from .tasks import ClassificationTask
+from .teacher_cache import TeacherCache
 
 
 class _Window:
@@ -85,6 +86,7 @@ class Trainer:
         task: ClassificationTask | None = None,
         evaluate_teacher: bool = True,
         refining: Refining | None = None,
+        teacher_caches: dict[int, TeacherCache | str] | None = None,
     ) -> None:
         self.distiller = distiller
         self.stages = list(stages)
@@ -99,6 +101,8 @@ class Trainer:
         self.task = task or ClassificationTask(num_classes, mean, std)
         self.evaluate_teacher = evaluate_teacher  # False when the teacher predicts other classes
         self.refining = refining or Refining([], [])  # data refiners, applied after augmentation
+        # per stage: its teacher-output cache, or why the teacher runs live although the cache is on
+        self.teacher_caches = dict(teacher_caches or {})
         self._normalize = BatchAugment(0, False, self.mean, self.std)
         self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
@@ -261,6 +265,10 @@ class Trainer:
         total = self.stage_length(stage, per_epoch)
         by_epochs = stage.epochs is not None
         self._emit("on_stage_start", stage, total, start_step)
+        cache = self.teacher_caches.get(index)
+        if isinstance(cache, str):
+            self.log({"kind": "teacher_cache", "stage": stage.name, "stage_index": index, "text": cache})
+            cache = None
         self._train_mode()
         step = start_step
         window = _Window()
@@ -273,12 +281,8 @@ class Trainer:
                 for group in optimizer.param_groups if optimizer is not None else ():
                     group["lr"] = lr
                 torch.manual_seed(derive_seed(seed, "global", index, epoch, step, self.info.rank))
-                images, labels = augment(
-                    _to(images, self.device),
-                    _to(labels, self.device),
-                    generator("augment", seed, index, epoch, step),
-                    total=stage.batch_size,
-                    start=self.info.rank * train.local_batch,
+                images, labels = augment_batch(
+                    augment, images, labels, indices, self.device, (seed, index, epoch)
                 )
                 self._refiner_phases(index, stage, images, labels, step, per_epoch, length)
                 images, labels = self.refining.apply(
@@ -288,9 +292,13 @@ class Trainer:
                 if optimizer is not None:
                     indices = _repeat_indices(indices.to(self.device), images.shape[0])
                     refine = self.refining.feature_refine(stage.name, (seed, index, epoch, step), self.info)
+                    replay = cache.replay(epoch, indices) if cache is not None else None
                     with autocast(self.device, self.runtime.precision):
-                        loss, parts, _ = model(images, labels, epoch, step / per_epoch, indices, refine)
+                        progress = step / per_epoch
+                        loss, parts, _ = model(images, labels, epoch, progress, indices, refine, replay)
                     self._check_finite(loss, parts, index, stage, step, per_epoch)
+                    if cache is not None and replay is None:
+                        cache.store(epoch, indices, self.distiller.last_teacher_logits)
                 if self.keeper.pending is not None:
                     where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"
                     where += f" (epoch {(step + 1) / per_epoch:.2f})"
@@ -317,10 +325,20 @@ class Trainer:
                     self._save(index, step, per_epoch, optimizer)
                 if step >= total:
                     break
+        if cache is not None:
+            record = {"kind": "teacher_cache", "stage": stage.name, "stage_index": index}
+            counts = {"replayed_steps": cache.replayed, "live_steps": cache.live}
+            self.log({**record, **counts, "text": cache.summary()})
         self._emit("on_stage_end", stage)
 
     def _refiner_phases(
-        self, index: int, stage: Stage, images: torch.Tensor, labels: Any, step: int, per_epoch: int,
+        self,
+        index: int,
+        stage: Stage,
+        images: torch.Tensor,
+        labels: Any,
+        step: int,
+        per_epoch: int,
         length: float,
     ) -> None:
         """The refiner phases due before student step ``step + 1`` (:meth:`Refining.phases`), with the
@@ -430,10 +448,3 @@ def _repeat_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
             f"a refiner made a batch of {count} from {indices.numel()} images; expected a multiple"
         )
     return indices.repeat(count // indices.numel())
-
-
-def _to(value: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
-    """Move a batch tensor, or a list of differently sized samples, to ``device``."""
-    if isinstance(value, list):
-        return [v.to(device) for v in value]
-    return value.to(device)

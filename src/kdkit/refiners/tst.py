@@ -166,7 +166,10 @@ class TSTRefiner(DataRefiner):
 
         kwargs = {} if self.fit_steps is None else {"steps": self.fit_steps}
         encoders, errors = load_or_fit(
-            size, images.float() / 255.0, progress=_say, **kwargs  # seed 0: one fit serves every run seed
+            size,
+            images.float() / 255.0,
+            progress=_say,
+            **kwargs,  # seed 0: one fit serves every run seed
         )
         self.encoders = nn.ModuleDict({n: encoders[n] for n in magnitude}).to(self.context.device)
         for param in self.encoders.parameters():

@@ -60,7 +60,10 @@ BOUNDS: dict[str, float] = {
     "Sharpness": 0.06,
     "Posterize": 0.05,  # 0.011-0.023: a staircase in m and x, read from a bilinear table
     "Solarize": 0.02,  # 0.008-0.009
-    "ShearX": 0.001, "ShearY": 0.001, "TranslateX": 0.001, "TranslateY": 0.001,  # < 1e-9: exact
+    "ShearX": 0.001,
+    "ShearY": 0.001,
+    "TranslateX": 0.001,
+    "TranslateY": 0.001,  # < 1e-9: exact
     # 0.087-0.101: the STN's FC is affine in m but a rotation's cos(30 m) is not; the best matrix affine in
     # m (least squares) scores 0.11, so the fit is at its floor; road scenes at 64x128: 0.126 after 800
     # steps, at 128x256: 0.154 after 3 x 400 (finer detail raises the floor of the same matrix error)
@@ -123,8 +126,13 @@ class ColorEncoder(nn.Module):
     and start as the identity at every ``m`` (blend: ``a = 1``, ``b = 0``, ``T = 0``).
     """
 
-    def __init__(self, form: str = "blend", tone: bool = False, signed: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        form: str = "blend",
+        tone: bool = False,
+        signed: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if form not in ("blend", "paper"):
             raise KdkitError(f"unknown colour-network form '{form}'; use 'blend' or 'paper'")
@@ -178,8 +186,9 @@ class ColorEncoder(nn.Module):
         gx = (2 * x - 1).reshape(b, c * h, w)
         grid = torch.stack([gx, mm.expand(b, c * h, w)], dim=-1)
         table = self.tone.expand(b, -1, -1, -1).to(x.dtype)
-        out = nn.functional.grid_sample(table, grid, mode="bilinear", padding_mode="border",
-                                        align_corners=True)
+        out = nn.functional.grid_sample(
+            table, grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
         return out.reshape(b, c, h, w)
 
 
@@ -199,7 +208,7 @@ def relative_error(name: str, encoder: nn.Module, images: Tensor, magnitudes: Te
     encoder.eval()
     num = den = 0.0
     for start in range(0, len(images), 256):
-        x, m = images[start:start + 256], magnitudes[start:start + 256]
+        x, m = images[start : start + 256], magnitudes[start : start + 256]
         target = batched_op(name, x, m)
         num += float((encoder(x, m) - target).double().pow(2).sum())
         den += float((x - target).double().pow(2).sum())
@@ -209,16 +218,19 @@ def relative_error(name: str, encoder: nn.Module, images: Tensor, magnitudes: Te
 
 def _split(images: Tensor) -> tuple[Tensor, Tensor]:
     if images.ndim != 4 or images.shape[1] != 3 or len(images) < 5:
-        raise KdkitError(f"TST meta-encoder fitting needs at least 5 images [N, 3, H, W], got "
-                         f"{list(images.shape)}; pass more training images")
+        raise KdkitError(
+            f"TST meta-encoder fitting needs at least 5 images [N, 3, H, W], got "
+            f"{list(images.shape)}; pass more training images"
+        )
     if not images.is_floating_point():
         images = images.float() / 255.0
     cut = int(round(0.8 * len(images)))
     return images[:cut], images[cut:]
 
 
-def fit_encoder(name: str, images: Tensor, steps: int, generator: torch.Generator,
-                encoder: nn.Module | None = None) -> tuple[nn.Module, float]:
+def fit_encoder(
+    name: str, images: Tensor, steps: int, generator: torch.Generator, encoder: nn.Module | None = None
+) -> tuple[nn.Module, float]:
     """Stage I (Eq. 3) for one op: Adam on ``mean ||f_A(x, m_r) - f_E(x, m_r)||^2``, ``m_r ~ U(0, 1)``.
 
     Batches of 64 are drawn from the first 80 % of ``images`` (float [N, 3, H, W] in [0, 1], or uint8);
@@ -277,9 +289,12 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fit_meta_encoders(images: Tensor, steps: int = DEFAULT_STEPS, seed: int = 0,
-                      progress: Callable[[str], None] | None = None,
-                      ) -> tuple[nn.ModuleDict, dict[str, float]]:
+def fit_meta_encoders(
+    images: Tensor,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[nn.ModuleDict, dict[str, float]]:
     """Stage I for every op with a magnitude: one fitted encoder per name of ``MAGNITUDE_OPS``.
 
     Fits on the first 80 % of ``images`` ([N, 3, H, W], uint8 or float in [0, 1]) and measures each
@@ -301,8 +316,10 @@ def fit_meta_encoders(images: Tensor, steps: int = DEFAULT_STEPS, seed: int = 0,
                 encoder, error = fit_encoder(name, images, steps, generator, encoder)
             encoders[name], errors[name] = encoder, error
             if progress is not None:
-                progress(f"TST stage I: {name} fitted in {time.perf_counter() - start:.1f}s, relative error "
-                         f"{error:.4f} (bound {BOUNDS[name]})")
+                progress(
+                    f"TST stage I: {name} fitted in {time.perf_counter() - start:.1f}s, relative error "
+                    f"{error:.4f} (bound {BOUNDS[name]})"
+                )
     return freeze(encoders), errors
 
 
@@ -310,9 +327,11 @@ def check_bounds(errors: dict[str, float], steps: int) -> None:
     """Raise the one-line :class:`KdkitError` for the first op whose error exceeds its bound."""
     for name, error in errors.items():
         if not error <= BOUNDS[name]:
-            raise KdkitError(f"TST meta-encoder '{name}' missed its error bound: held-out relative error "
-                             f"{error:.4f} > {BOUNDS[name]} after {ROUNDS} x {steps} fit steps; raise "
-                             f"fit_steps (e.g. to {2 * steps}) or pass more training images")
+            raise KdkitError(
+                f"TST meta-encoder '{name}' missed its error bound: held-out relative error "
+                f"{error:.4f} > {BOUNDS[name]} after {ROUNDS} x {steps} fit steps; raise "
+                f"fit_steps (e.g. to {2 * steps}) or pass more training images"
+            )
 
 
 def freeze(encoders: nn.ModuleDict) -> nn.ModuleDict:
@@ -341,9 +360,14 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_or_fit(size: tuple[int, int], images: Tensor, steps: int = DEFAULT_STEPS, seed: int = 0,
-                cache: Path | None = None, progress: Callable[[str], None] | None = None,
-                ) -> tuple[nn.ModuleDict, dict[str, float]]:
+def load_or_fit(
+    size: tuple[int, int],
+    images: Tensor,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    cache: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[nn.ModuleDict, dict[str, float]]:
     """Fitted meta-encoders for images of ``size`` (H, W): loaded from the cache, or fitted and cached.
 
     The cache file is ``cache`` or :func:`cache_path` (safetensors, no pickle), with the errors in a JSON
@@ -352,8 +376,10 @@ def load_or_fit(size: tuple[int, int], images: Tensor, steps: int = DEFAULT_STEP
     """
     size = (int(size[0]), int(size[1]))
     if tuple(images.shape[-2:]) != size:
-        raise KdkitError(f"TST meta-encoders for size {size[0]}x{size[1]} got images of size "
-                         f"{images.shape[-2]}x{images.shape[-1]}; resize them or pass their size")
+        raise KdkitError(
+            f"TST meta-encoders for size {size[0]}x{size[1]} got images of size "
+            f"{images.shape[-2]}x{images.shape[-1]}; resize them or pass their size"
+        )
     path = Path(cache) if cache is not None else cache_path(size, steps, seed)
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
@@ -373,8 +399,14 @@ def load_or_fit(size: tuple[int, int], images: Tensor, steps: int = DEFAULT_STEP
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoders.state_dict().items()}
     _atomic_write(path, lambda p: save_file(state, str(p)))
-    meta = {"version": ENCODER_VERSION, "size": list(size), "steps": steps, "seed": seed, "errors": errors,
-            "bounds": {n: BOUNDS[n] for n in MAGNITUDE_OPS}}
+    meta = {
+        "version": ENCODER_VERSION,
+        "size": list(size),
+        "steps": steps,
+        "seed": seed,
+        "errors": errors,
+        "bounds": {n: BOUNDS[n] for n in MAGNITUDE_OPS},
+    }
     _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
     check_bounds(errors, steps)  # after caching: a missed bound is reported, the long fit is kept
     return encoders, errors

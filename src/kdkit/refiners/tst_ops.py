@@ -40,8 +40,19 @@ from torch import Tensor
 from ..errors import KdkitError
 from ..registry import did_you_mean
 
-MAGNITUDE_OPS = ("Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize",
-                 "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+MAGNITUDE_OPS = (
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
 PLAIN_OPS = ("Equalize", "Invert", "Cutout")
 PRIMITIVES = MAGNITUDE_OPS + PLAIN_OPS
 AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -63,14 +74,16 @@ def check_op(name: str, kinds: tuple[str, ...] = PRIMITIVES) -> None:
 
 def _magnitudes(name: str, magnitude: Tensor | None, batch: int) -> Tensor:
     if magnitude is None:
-        raise KdkitError(f"TST primitive '{name}' needs a magnitude per image; pass a tensor of shape "
-                         f"[{batch}]")
+        raise KdkitError(
+            f"TST primitive '{name}' needs a magnitude per image; pass a tensor of shape [{batch}]"
+        )
     m = torch.as_tensor(magnitude, dtype=torch.float64).detach().cpu().reshape(-1)
     if m.numel() == 1 and batch != 1:
         m = m.expand(batch)
     if m.numel() != batch:
-        raise KdkitError(f"TST primitive '{name}' got {m.numel()} magnitudes for {batch} images; "
-                         "pass one per image")
+        raise KdkitError(
+            f"TST primitive '{name}' got {m.numel()} magnitudes for {batch} images; pass one per image"
+        )
     return m
 
 
@@ -96,8 +109,12 @@ def _one(name: str, img: Tensor, m: float) -> Tensor:
     """One image ``[3, H, W]`` (float, [0, 1]) through op ``name`` at magnitude ``m``."""
     if name in ("Brightness", "Color", "Contrast", "Sharpness"):
         factor = 1.0 + BLEND_MAX * m
-        fn = {"Brightness": TF.adjust_brightness, "Color": TF.adjust_saturation,
-              "Contrast": TF.adjust_contrast, "Sharpness": TF.adjust_sharpness}[name]
+        fn = {
+            "Brightness": TF.adjust_brightness,
+            "Color": TF.adjust_saturation,
+            "Contrast": TF.adjust_contrast,
+            "Sharpness": TF.adjust_sharpness,
+        }[name]
         return fn(img, factor)
     if name == "Posterize":
         bits = int(round(8.0 - 4.0 * m))
@@ -106,8 +123,12 @@ def _one(name: str, img: Tensor, m: float) -> Tensor:
     if name == "Solarize":
         return TF.solarize(img, 1.0 - m) if m > 0 else img
     if name in AFFINE_OPS:
-        return TF.affine(img, interpolation=TF.InterpolationMode.BILINEAR, fill=None,
-                         **_affine_params(name, m, tuple(img.shape[-2:])))
+        return TF.affine(
+            img,
+            interpolation=TF.InterpolationMode.BILINEAR,
+            fill=None,
+            **_affine_params(name, m, tuple(img.shape[-2:])),
+        )
     raise AssertionError(name)
 
 
@@ -133,8 +154,9 @@ def _cutout(images: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 @torch.no_grad()
-def hand_op(name: str, images: Tensor, magnitude: Tensor | None,
-            generator: torch.Generator | None = None) -> Tensor:
+def hand_op(
+    name: str, images: Tensor, magnitude: Tensor | None, generator: torch.Generator | None = None
+) -> Tensor:
     """Apply hand-made primitive ``name`` to each image with its own magnitude (see the module docstring).
 
     ``images``: float ``[B, 3, H, W]`` in [0, 1]; ``magnitude``: ``[B]`` (ignored by Equalize, Invert,
@@ -245,8 +267,9 @@ def warp(images: Tensor, theta: Tensor, mode: str = "bilinear", fill: float = 0.
     grid = nnf.affine_grid(theta, list(x.shape), align_corners=False)
     out = nnf.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
     if fill != 0.0:
-        inside = nnf.grid_sample(torch.ones_like(x[:, :1]), grid, mode=mode, padding_mode="zeros",
-                                 align_corners=False)
+        inside = nnf.grid_sample(
+            torch.ones_like(x[:, :1]), grid, mode=mode, padding_mode="zeros", align_corners=False
+        )
         out = out + (1.0 - inside) * fill
     if not dtype.is_floating_point:
         out = out.round().to(dtype)

@@ -265,7 +265,6 @@ class FitNet(_MiddleTapTerm):
         self.connector: nn.Module = nn.Identity()
         self.teacher_grid_only = False
 
-
     def bind(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         src, dst = student_shapes[self.student_tap], teacher_shapes[self.teacher_tap]
         self.connector = build_connector(src, dst, self.student_tap, self.teacher_tap)

@@ -265,8 +265,15 @@ class FGD(_FpnLevels):
             raise KdkitError("term 'fgd' has no connectors yet: call bind with the dry run's shapes first")
         totals: dict[str, Tensor] = {}
         loss = None
-        levels = zip(self.student_keys, self.teacher_keys, self.strides, self.connectors,
-                     self.relations_s, self.relations_t, strict=True)
+        levels = zip(
+            self.student_keys,
+            self.teacher_keys,
+            self.strides,
+            self.connectors,
+            self.relations_s,
+            self.relations_t,
+            strict=True,
+        )
         for s_key, t_key, stride, connector, rel_s, rel_t in levels:
             teacher = view.teacher[t_key]
             student = connector(view.student[s_key])

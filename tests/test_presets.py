@@ -266,3 +266,28 @@ def test_imagenet_sokd_presets_follow_the_paper_schedule(path: Path, fake_weight
     sokd = path.stem.endswith("_sokd")
     assert ("dam" in names) == sokd and [r.name for r in config.refiners] == (["dafa"] if sokd else [])
     assert config.name == f"{path.stem}_resnet34_resnet18"
+
+
+@pytest.mark.parametrize("stem", ["kd_resnet34_resnet18", "kd_resnet50_mobilenet", "tst_resnet34_resnet18"])
+def test_imagenet_presets_use_the_imagenet_pipeline(stem: str, fake_weights: Path):
+    """Random-resized crop 224 + flip per image at decode time; resize 256 + centre crop 224 to evaluate;
+    the literature's schedule (lr 0.1, batch 256, 100 epochs, lr / 10 at 30, 60, 90, weight decay 1e-4)."""
+    config = load_config(
+        REPO / "src" / "kdkit" / "configs" / "imagenet" / f"{stem}.yaml", [f"teacher.weights={fake_weights}"]
+    )
+    augment = config.data.augment
+    assert augment.resized_crop.size == 224 and augment.resized_crop.scale == (0.08, 1.0) and augment.flip
+    assert (
+        config.data.eval_params == {"image_size": 224, "resize_size": 256}
+        and "image_size" not in config.data.params
+    )
+    (stage,) = config.stages
+    assert (stage.epochs, stage.optimizer.lr, stage.optimizer.weight_decay, config.data.batch_size) == (
+        100,
+        0.1,
+        1e-4,
+        256,
+    )
+    assert stage.schedule.milestones == [30, 60, 90]
+    if stem.startswith("kd_"):
+        assert [(t.name, t.weight) for t in config.terms] == [("ce", 0.5), ("kd", 0.5)]

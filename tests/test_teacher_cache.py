@@ -52,7 +52,8 @@ def test_the_key_changes_with_everything_that_determines_the_outputs():
     teacher = build_model("resnet8", num_classes=10)
     base = cache_key(_parts(teacher))
     assert cache_key(_parts(teacher)) == base
-    batch = {"name": "embedded", "params": {"train_size": 16}, "augment": {"crop_padding": 4}, "batch_size": 7}
+    batch = {"name": "embedded", "params": {"train_size": 16}, "augment": {"crop_padding": 4}}
+    batch["batch_size"] = 7
     assert cache_key(_parts(teacher, data_config=batch)) == base  # the batch size does not matter
     other_data = build_dataset("embedded", "train", train_size=16, test_size=4, seed=1)
     changed = [
@@ -122,6 +123,7 @@ def test_a_replayed_run_trains_the_same_student_as_the_live_teacher(tmp_path):
     assert (fill["replayed_steps"], fill["live_steps"]) == (0, 8)  # 2 epochs x 4 steps
     assert (replay["replayed_steps"], replay["live_steps"]) == (8, 0)
     assert "replayed from the cache in all 8 steps" in replay["text"]
+    assert f"- stage 'main': {replay['text']}" in (tmp_path / "runs" / "replay" / "report.md").read_text()
     live, filled, replayed = (_weights(tmp_path, n) for n in ("live", "fill", "replay"))
     for key in live:
         assert torch.equal(live[key], filled[key]) and torch.equal(live[key], replayed[key]), key

@@ -337,15 +337,25 @@ def _override_at_fault(message: str, source: str, overrides: Sequence[str]) -> s
 # Config fields added after runs were first recorded, with their defaults: left out where they hold the
 # default, so that a run recorded before a field existed compares equal to the same run recorded after
 # (the demo teachers' cache key, grouping the seeds of one method in a comparison).
-LATER_FIELDS: dict[tuple[str, str], Any] = {("teacher", "input"): None, ("student", "input"): None}
+LATER_FIELDS: dict[tuple[str, ...], Any] = {
+    ("teacher", "input"): None,
+    ("student", "input"): None,
+    ("runtime", "teacher_cache"): {"enabled": False, "topk": 0, "dir": None},
+    ("data", "augment", "resized_crop"): None,
+    ("data", "augment", "color_jitter"): None,
+    ("data", "augment", "randaugment"): None,
+}
 
 
 def without_later_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a dumped config, modified in place and returned) without the :data:`LATER_FIELDS` that
     hold their default."""
-    for (section, key), default in LATER_FIELDS.items():
-        if isinstance(data.get(section), dict) and data[section].get(key, default) == default:
-            data[section].pop(key, None)
+    for (*path, key), default in LATER_FIELDS.items():
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key, default) == default:
+            node.pop(key, None)
     return data
 
 

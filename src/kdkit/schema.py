@@ -34,8 +34,19 @@ class ModelConfig(Strict):
     )
 
 
+class ResizedCropConfig(Strict):
+    """Random-resized crop (Szegedy et al. 2015; torchvision's ``RandomResizedCrop``): a window of
+    ``scale`` times the image's area and aspect ``ratio``, resized to ``size`` x ``size``."""
+
+    size: int = Field(224, ge=1)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
 class AugmentConfig(Strict):
-    """Training augmentation. Classification: padded random crop + flip. Segmentation: random scale,
+    """Training augmentation. Classification: padded random crop + flip on the batch, or, with
+    ``resized_crop`` / ``color_jitter`` / ``randaugment``, per image at decode time (ImageNet recipe;
+    the flip then too, and no padded crop). Segmentation: random scale,
     crop (padding images with 0 and masks with the ignore index), flip; masks use nearest neighbours.
     Detection: random scale, crop/pad to ``crop`` and flip, boxes moved with the image (dropped when they
     leave it); ``crop`` is also the size differently sized images are letterboxed to for evaluation."""
@@ -46,6 +57,20 @@ class AugmentConfig(Strict):
     crop: tuple[int, int] | None = Field(
         None, description="segmentation/detection: [H, W] crop; default image size"
     )
+    resized_crop: ResizedCropConfig | None = Field(
+        None, description="classification: random-resized crop per image at decode time"
+    )
+    color_jitter: tuple[float, float, float] | None = Field(
+        None, description="classification: brightness, contrast, saturation jitter per image at decode time"
+    )
+    randaugment: tuple[int, int] | None = Field(
+        None, description="classification: RandAugment [num_ops, magnitude] per image at decode time"
+    )
+
+    @property
+    def at_decode(self) -> bool:
+        """Whether part of the augmentation runs per image when it is decoded (:mod:`kdkit.data.decode`)."""
+        return any(x is not None for x in (self.resized_crop, self.color_jitter, self.randaugment))
 
     @model_validator(mode="after")
     def _ordered_scale(self) -> AugmentConfig:

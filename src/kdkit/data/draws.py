@@ -31,6 +31,16 @@ class SampleKeys:
             rows.append([int.from_bytes(digest[8 * k : 8 * k + 8], "little") >> 11 for k in range(count)])
         return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), count) / float(1 << 53)
 
+    def seeds(self) -> list[int]:
+        """One 63-bit seed per sample, for libraries that draw from a seeded global RNG (torchvision)."""
+        return [
+            int.from_bytes(
+                hashlib.blake2b(repr((*self.base, int(i))).encode(), digest_size=8).digest(), "little"
+            )
+            >> 1
+            for i in self.indices.tolist()
+        ]
+
     def __len__(self) -> int:
         return len(self.indices)
 

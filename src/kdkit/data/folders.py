@@ -27,14 +27,17 @@ STATS_SAMPLE = 500  # images decoded to estimate mean/std of a streamed split
 LAYOUT = "<root>/<split>/<class>/<image>.png (split: train/val/test), or <root>/<class>/<image>.png"
 
 
-def load_image(path: Path, image_size: int | None = None) -> Tensor:
-    """Decode one file to uint8 ``[3,H,W]``; a corrupt file raises KdkitError naming it."""
+def load_image(path: Path, image_size: int | None = None, resize_size: int | None = None) -> Tensor:
+    """Decode one file to uint8 ``[3,H,W]``; with ``image_size``, the shorter side resized to
+    ``resize_size`` (default ``image_size``) and the centre ``image_size`` square kept (ImageNet
+    evaluation: 256 then 224). A corrupt file raises KdkitError naming it."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if image_size is not None:
-                scale = image_size / min(im.size)
-                w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
+                short = max(resize_size or image_size, image_size)
+                scale = short / min(im.size)
+                w, h = max(short, round(im.width * scale)), max(short, round(im.height * scale))
                 left, top = (w - image_size) // 2, (h - image_size) // 2
                 im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + image_size, top + image_size))
             array = np.asarray(im)
@@ -84,14 +87,15 @@ class FolderDataset(ImageDataset):
         image_size: int | None,
         mean: Stats,
         std: Stats,
+        resize_size: int | None = None,
     ) -> None:
         super().__init__(classes, mean, std)
         self.files = files
-        self.image_size = image_size
+        self.image_size, self.resize_size = image_size, resize_size
         self.labels = torch.tensor(labels, dtype=torch.int64)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return load_image(self.files[index], self.image_size), int(self.labels[index])
+        return load_image(self.files[index], self.image_size, self.resize_size), int(self.labels[index])
 
 
 @DATASETS.register("image_folder", "your images: <root>/<split>/<class>/*.png|jpg (set root)")
@@ -102,8 +106,11 @@ def image_folder(
     cache: bool = False,
     mean: Stats | None = None,
     std: Stats | None = None,
+    resize_size: int | None = None,
 ) -> ImageDataset:
-    """Images from class folders; ``cache`` decodes the whole split into memory.
+    """Images from class folders; ``cache`` decodes the whole split into memory. ``image_size``: the
+    shorter side resized to ``resize_size`` (default ``image_size``), the centre square kept. Without
+    ``image_size`` images keep their size (a random-resized crop at decode time sizes them).
 
     ``mean``/``std`` default to statistics of (a deterministic subsample of) the split.
     Without ``image_size`` all images must have the same size to be batched.
@@ -112,7 +119,7 @@ def image_folder(
         raise KdkitError(f"image_folder needs root (the folder laid out as {LAYOUT})")
     files, labels, classes = _list_files(Path(root).expanduser(), split)
     if cache:
-        images = [load_image(f, image_size) for f in files]
+        images = [load_image(f, image_size, resize_size) for f in files]
         sizes = {tuple(im.shape) for im in images}
         if len(sizes) > 1:
             raise KdkitError(
@@ -121,5 +128,5 @@ def image_folder(
         return TensorDataset(torch.stack(images), torch.tensor(labels), classes, mean, std)
     if mean is None or std is None:
         step = max(1, len(files) // STATS_SAMPLE)
-        mean, std = channel_stats([load_image(f, image_size) for f in files[::step]])
-    return FolderDataset(files, labels, classes, image_size, mean, std)
+        mean, std = channel_stats([load_image(f, image_size, resize_size) for f in files[::step]])
+    return FolderDataset(files, labels, classes, image_size, mean, std, resize_size)

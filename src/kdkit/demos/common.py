@@ -38,8 +38,8 @@ def preset(name: str) -> Path:
 def _fingerprint(config: RunConfig) -> str:
     data = config.model_dump(mode="json")
     data.pop("name")
-    for key in ("out_dir", "progress"):
-        data["runtime"].pop(key)
+    for key in ("out_dir", "progress", "teacher_cache"):  # none of them changes what the teacher learns
+        data["runtime"].pop(key, None)
     without_later_defaults(data)  # a new config field does not make every cached teacher a stranger
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

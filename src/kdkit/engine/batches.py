@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.decode import DecodeAugment, Decoded
 from ..data.det_base import pad_targets
 from ..data.draws import sample_keys
 from ..errors import KdkitError
@@ -80,7 +81,9 @@ class Batches:
     class -1); a batch of differently sized images (and their masks or targets) comes as two lists.
 
     In-memory datasets (``dataset.in_memory``) are indexed directly; others go through a
-    ``DataLoader`` whose workers decode images, fed with the same precomputed index lists.
+    ``DataLoader`` whose workers decode images, fed with the same precomputed index lists. With
+    ``decode`` (:class:`~kdkit.data.decode.DecodeAugment`) every image is augmented as it is decoded,
+    seeded by its sample's key ``("decode", *epoch_seed, index)``.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Batches:
         *,
         train: bool,
         num_workers: int = 0,
+        decode: DecodeAugment | None = None,
     ) -> None:
         if batch_size % info.world:
             raise KdkitError(
@@ -103,6 +107,7 @@ class Batches:
         self.info = info
         self.train = train
         self.num_workers = num_workers
+        self.decode = decode
         self.size = len(dataset)  # type: ignore[arg-type]
         if train and self.size < batch_size:
             raise KdkitError(f"the training set has {self.size} images, fewer than batch_size {batch_size}")
@@ -144,14 +149,22 @@ class Batches:
         if self.train and hasattr(self.dataset, "for_epoch"):
             self.dataset.for_epoch(epoch_seed)
         index_lists = self._index_lists(epoch_seed, start_step)
+        decode = self.decode
+        keys = [sample_keys(idx, "decode", *epoch_seed).seeds() if decode else [] for idx in index_lists]
         if getattr(self.dataset, "in_memory", False):
             images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
-            for idx in index_lists:
-                yield images[idx], labels[idx], idx
+            for idx, seeds in zip(index_lists, keys):
+                if decode is None:
+                    yield images[idx], labels[idx], idx
+                else:
+                    yield torch.stack([decode(images[i], k) for i, k in zip(idx, seeds)]), labels[idx], idx
             return
         loader = DataLoader(
-            self.dataset,
-            batch_sampler=[idx.tolist() for idx in index_lists],
+            self.dataset if decode is None else Decoded(self.dataset, decode),
+            batch_sampler=[
+                idx.tolist() if decode is None else list(zip(idx.tolist(), seeds))
+                for idx, seeds in zip(index_lists, keys)
+            ],
             num_workers=self.num_workers,
             collate_fn=partial(_collate, boxes=getattr(self.dataset, "task", None) == "detection"),
             persistent_workers=False,

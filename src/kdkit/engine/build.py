@@ -163,6 +163,9 @@ def dry_run_batch(trainer: Trainer, stage: Stage) -> torch.Tensor:
     from the shapes training produces, e.g. the segmentation crop)."""
     items = [stage.train_data[i] for i in range(min(2, len(stage.train_data)))]
     images, labels = [im for im, _ in items], [lb for _, lb in items]
+    decode = trainer.task.decoder(stage.augment)
+    if decode is not None:
+        images = [decode(image, i) for i, image in enumerate(images)]
     if trainer.task.name == "classification":
         images, labels = torch.stack(images), torch.as_tensor([int(lb) for lb in labels])
     augment = trainer.task.augmenter(stage.augment)
@@ -248,7 +251,9 @@ def build_run(
             )
         )
     run_dir = run_dir or run_directory(config)
-    spec = model_spec(config.student, num_classes, first, task.name, getattr(task, "size", None))
+    crop = config.data.augment.resized_crop  # classification from differently sized images: the crop's size
+    size = getattr(task, "size", None) or ((crop.size, crop.size) if crop is not None else None)
+    spec = model_spec(config.student, num_classes, first, task.name, size)
     from ..report.outputs import RunOutputs  # report imports the engine; import late
 
     extra = list(callbacks) if callbacks is not None else ([ProgressBar()] if runtime.progress else [])

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import AugmentConfig, EvalConfig
 from ..data.augment import BatchAugment
+from ..data.decode import DecodeAugment
 from ..data.det_augment import DetectionAugment
 from ..data.draws import SampleKeys
 from ..data.seg_augment import SegmentationAugment
@@ -45,12 +46,21 @@ class ClassificationTask:
         self.num_classes, self.mean, self.std = num_classes, tuple(mean), tuple(std)
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
-        augment = BatchAugment(config.crop_padding, config.flip, self.mean, self.std)
+        """The batch step: padded crop + flip, or only normalisation when a random-resized crop at
+        decode time (:meth:`decoder`) has already cropped and flipped each image."""
+        decoded = config.resized_crop is not None
+        augment = BatchAugment(
+            0 if decoded else config.crop_padding, config.flip and not decoded, self.mean, self.std
+        )
 
         def apply(images: Tensor, labels: Tensor, keys: SampleKeys):
             return augment(images, keys), labels
 
         return apply
+
+    def decoder(self, config: AugmentConfig) -> DecodeAugment | None:
+        """The augmentation applied to each image as it is decoded, if the config asks for one."""
+        return DecodeAugment(config) if config.at_decode else None
 
     def evaluate(
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
@@ -82,6 +92,14 @@ class SegmentationTask(ClassificationTask):
         self.metric = self.evaluation.metric
         self.ignore_index = ignore_index
 
+    def decoder(self, config: AugmentConfig) -> DecodeAugment | None:
+        if config.at_decode:
+            raise KdkitError(
+                f"data.augment.resized_crop, color_jitter and randaugment are classification options; "
+                f"remove them from this {self.name} run"
+            )
+        return None
+
     def augmenter(self, config: AugmentConfig) -> Augmenter:
         # (images, masks, keys) -> batch: already the Augmenter signature
         return SegmentationAugment(config.scale, config.crop, config.flip, self.mean, self.std)
@@ -102,6 +120,7 @@ class DetectionTask(ClassificationTask):
 
     name = "detection"
     metric = "map"
+    decoder = SegmentationTask.decoder
 
     def __init__(
         self,

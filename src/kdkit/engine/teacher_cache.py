@@ -316,14 +316,20 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
             if cache is not None:
                 lines.append(f"stage '{stage.name}': {cache}")
             continue
+        decode = trainer.task.decoder(stage.augment)
         batches = Batches(
-            stage.train_data, stage.eval_batch_size, trainer.info, train=False, num_workers=stage.num_workers
+            stage.train_data,
+            stage.eval_batch_size,
+            trainer.info,
+            train=False,
+            num_workers=stage.num_workers,
+            decode=decode,
         )
         per_epoch = len(stage.train_data) // stage.batch_size
         epochs = stage.epochs if stage.epochs is not None else -(-stage.steps // per_epoch)
         augment = trainer.task.augmenter(stage.augment)
         for epoch in range(epochs):
-            for images, labels, idx in batches.epoch(indices=True):
+            for images, labels, idx in batches.epoch((trainer.runtime.seed, index, epoch), indices=True):
                 if cache.lookup(epoch, idx) is not None:
                     continue
                 seed_parts = (trainer.runtime.seed, index, epoch)

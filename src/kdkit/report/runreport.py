@@ -78,10 +78,18 @@ def describe_augment(augment: dict[str, Any], task: str = "classification") -> s
             parts.append(f"random crop {augment['crop'][0]}x{augment['crop'][1]} ({padded})")
         elif (low, high) != (1.0, 1.0):
             parts.append(f"random crop to the image size ({padded})")
+    elif augment.get("resized_crop"):
+        rc = augment["resized_crop"]
+        low, high = rc.get("scale", (0.08, 1.0))
+        parts.append(f"random-resized crop {rc['size']} (area {low:g}-{high:g}, per image at decode)")
     elif augment.get("crop_padding", 0) > 0:
         parts.append(f"random crop (zero padding {augment['crop_padding']})")
     if augment.get("flip", False):
         parts.append("horizontal flip")
+    if augment.get("color_jitter"):
+        parts.append("colour jitter {:g}/{:g}/{:g}".format(*augment["color_jitter"]))
+    if augment.get("randaugment"):
+        parts.append("RandAugment ({} ops, magnitude {})".format(*augment["randaugment"]))
     return " + ".join(parts) or "none"
 
 
@@ -151,6 +159,7 @@ def write_run_report(
         f"- stages: {_describe_terms(config)}",
         f"- training augmentation: {_describe_augmentation(config)}",
         *[f"- refiner: {_describe_refiner(r)}" for r in config.get("refiners", [])],
+        *[f"- stage '{r['stage']}': {r['text']}" for r in history if r["kind"] == "teacher_cache"],
         f"- mean training throughput: {speed:.0f} images/s",
         "",
         markdown_table(header, rows),

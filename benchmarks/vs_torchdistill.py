@@ -1,0 +1,184 @@
+"""kdkit vs torchdistill (PyPI) on the same KD job: one epoch, epoch time as ratios measured in one run.
+
+The job, for both: the same 5,120 embedded 32x32 training images (10 classes), the same networks (kdkit's
+CIFAR ResNets: ResNet-20 -> ResNet-8 and ResNet-32x4 -> ResNet-8x4, random teacher weights: the time
+does not depend on them), batch 64, SGD lr 0.05 momentum 0.9, random crop (padding 4) + flip, loss
+0.1 CE + 0.9 T^2 KL at T 4 (kdkit: ``ce`` 0.1 + ``kd`` 0.9; torchdistill: ``KDLoss`` alpha 0.1).
+Each framework runs its own way:
+
+- kdkit: ``train_from_config`` (in-memory batches, augmentation on the batch tensor, the Distiller's
+  taps), at its default precision (``runtime.precision: fp32``) and at ``auto`` (bf16 autocast on this
+  CPU, what the demos use); evaluation excluded (training windows of ``metrics.jsonl``).
+- torchdistill 1.x: ``DistillationBox`` from a config in its documented format (``WeightedSumLoss`` with a
+  ``KDLoss`` sub-term, frozen teacher, ``forward_batch_only``), its CIFAR pipeline (PIL images,
+  ``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` in DataLoader workers;
+  ``--workers``, default 2 = this machine's cores) and its training loop (``pre_epoch_process``,
+  ``forward_process``, ``post_forward_process``) at fp32, its only precision without an accelerator.
+
+torchdistill is not a kdkit dependency: install it in this benchmark's own environment, e.g.
+``python -m venv .venv-td && .venv-td/bin/pip install torchdistill -e .`` and run this file with it.
+Writes benchmarks/results/vs_torchdistill.md.
+Run:  .venv-td/bin/python benchmarks/vs_torchdistill.py [--rounds 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _results import RESULTS, write_table
+from PIL import Image
+from teacher_cache import epoch_seconds
+from torch.utils.data import Dataset, RandomSampler
+from torchvision import transforms
+
+from kdkit.api import train_from_config
+from kdkit.config import load_config
+from kdkit.data import build_dataset
+from kdkit.models import build_model, load_weights, save_weights
+
+PAIRS = {
+    "ResNet-20 -> ResNet-8": ("resnet20", "resnet8"),
+    "ResNet-32x4 -> ResNet-8x4": ("resnet32x4", "resnet8x4"),
+}
+TRAIN = 5120
+BATCH = 64
+
+
+class PilImages(Dataset):
+    """The embedded training images as torchvision's CIFAR datasets give them: PIL images + transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std) -> None:
+        self.images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def torchdistill_epoch(teacher_name: str, student_name: str, weights: Path, workers: int) -> float:
+    from torchdistill.core.distillation import get_distillation_box
+
+    data = build_dataset("embedded", "train", train_size=TRAIN, test_size=64)
+    dataset = PilImages(data.images, data.labels, data.mean, data.std)
+    torch.manual_seed(0)
+    teacher = build_model(teacher_name, num_classes=10)
+    load_weights(teacher, weights)
+    student = build_model(student_name, num_classes=10)
+    kd = {
+        "key": "KDLoss",
+        "kwargs": {
+            "student_module_path": ".",
+            "student_module_io": "output",
+            "teacher_module_path": ".",
+            "teacher_module_io": "output",
+            "temperature": 4.0,
+            "alpha": 0.1,
+            "reduction": "batchmean",
+        },
+    }
+    config = {
+        "num_epochs": 1,
+        "train_data_loader": {
+            "dataset_id": "train",
+            "sampler": {"class_or_func": RandomSampler, "kwargs": None},
+            "kwargs": {"batch_size": BATCH, "num_workers": workers, "pin_memory": False, "drop_last": True},
+        },
+        "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": False},
+        "student": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": True},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}},
+        },
+    }
+    device = torch.device("cpu")
+    box = get_distillation_box(teacher, student, {"train": dataset}, config, device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    start = time.perf_counter()
+    for sample_batch, targets, supp_dict in box.train_data_loader:
+        loss = box.forward_process(sample_batch.to(device), targets.to(device), supp_dict)
+        box.post_forward_process(loss=loss)
+    return time.perf_counter() - start
+
+
+def kdkit_epoch(tmp: Path, teacher: str, student: str, weights: Path, precision: str, name: str) -> float:
+    config = load_config(
+        base={
+            "name": name,
+            "data": {
+                "name": "embedded",
+                "params": {"train_size": TRAIN, "test_size": 64},
+                "batch_size": BATCH,
+            },
+            "teacher": {"name": teacher, "weights": str(weights)},
+            "student": {"name": student},
+            "terms": [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "temperature": 4}],
+            "stages": [{"epochs": 1, "optimizer": {"lr": 0.05}}],
+            "runtime": {
+                "out_dir": str(tmp / "runs"),
+                "progress": False,
+                "precision": precision,
+                "log_every": 10,
+            },
+        }
+    )
+    train_from_config(config)
+    return epoch_seconds(tmp / "runs" / name, BATCH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "vs_torchdistill.md")
+    args = parser.parse_args()
+    import torchdistill
+
+    lines = [
+        f"# kdkit vs torchdistill {torchdistill.__version__}: a KD epoch ({torch.get_num_threads()} threads)",
+        "",
+        f"{TRAIN} images 32x32, batch {BATCH}, 0.1 CE + 0.9 KD (T 4); median of {args.rounds} interleaved "
+        f"rounds; torchdistill with {args.workers} DataLoader workers.",
+        "",
+        "| pair | torchdistill fp32 (s) | kdkit fp32 (s) | kdkit auto/bf16 (s) | torchdistill / kdkit fp32 "
+        "| torchdistill / kdkit default-demo (auto) |",
+        "|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for label, (teacher, student) in PAIRS.items():
+            torch.manual_seed(0)
+            weights = tmp / f"{teacher}.safetensors"
+            save_weights(build_model(teacher, num_classes=10), weights)
+            times: dict[str, list[float]] = {"td": [], "fp32": [], "auto": []}
+            for r in range(args.rounds):
+                times["td"].append(torchdistill_epoch(teacher, student, weights, args.workers))
+                for precision in ("fp32", "auto"):
+                    name = f"{teacher}-{precision}-{r}"
+                    times[precision].append(kdkit_epoch(tmp, teacher, student, weights, precision, name))
+                print(label, {k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
+            td, fp32, auto = (statistics.median(times[k]) for k in ("td", "fp32", "auto"))
+            lines.append(
+                f"| {label} | {td:.2f} | {fp32:.2f} | {auto:.2f} | {td / fp32:.2f} | {td / auto:.2f} |"
+            )
+    write_table(args.out, [*lines, ""])
+
+
+if __name__ == "__main__":
+    main()

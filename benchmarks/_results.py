@@ -10,6 +10,18 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def random_teacher(folder: Path, name: str) -> Path:
+    """``<folder>/<name>.safetensors``: a 10-class ``name`` with random weights (seed 0), for timings."""
+    import torch
+
+    from kdkit.models import build_model, save_weights
+
+    torch.manual_seed(0)
+    path = folder / f"{name}.safetensors"
+    save_weights(build_model(name, num_classes=10), path)
+    return path
+
+
 def write_table(path: Path, lines: list[str]) -> None:
     """Write a Markdown result to ``path`` and echo it."""
     path.parent.mkdir(parents=True, exist_ok=True)

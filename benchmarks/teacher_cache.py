@@ -22,12 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import RESULTS, write_table
+from _results import RESULTS, random_teacher, write_table
 
 from kdkit.api import train_from_config
 from kdkit.config import load_config
 from kdkit.demos.common import cached_teacher, preset
-from kdkit.models import build_model, save_weights
 
 PAIRS = {
     "ResNet-20 -> ResNet-8": ("resnet20", "resnet8"),
@@ -77,9 +76,7 @@ def timing(rounds: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for label, (teacher, student) in PAIRS.items():
-            torch.manual_seed(0)
-            weights = tmp / f"{teacher}.safetensors"
-            save_weights(build_model(teacher, num_classes=10), weights)
+            weights = random_teacher(tmp, teacher)
             times: dict[str, list[float]] = {m: [] for m in MODES}
             for r in range(rounds):
                 cache = tmp / f"cache-{teacher}-{r}"

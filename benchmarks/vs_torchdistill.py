@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import RESULTS, write_table
+from _results import RESULTS, random_teacher, write_table
 from PIL import Image
 from teacher_cache import epoch_seconds
 from torch.utils.data import Dataset, RandomSampler
@@ -39,7 +39,7 @@ from torchvision import transforms
 from kdkit.api import train_from_config
 from kdkit.config import load_config
 from kdkit.data import build_dataset
-from kdkit.models import build_model, load_weights, save_weights
+from kdkit.models import build_model, load_weights
 
 PAIRS = {
     "ResNet-20 -> ResNet-8": ("resnet20", "resnet8"),
@@ -163,9 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for label, (teacher, student) in PAIRS.items():
-            torch.manual_seed(0)
-            weights = tmp / f"{teacher}.safetensors"
-            save_weights(build_model(teacher, num_classes=10), weights)
+            weights = random_teacher(tmp, teacher)
             times: dict[str, list[float]] = {"td": [], "fp32": [], "auto": []}
             for r in range(args.rounds):
                 times["td"].append(torchdistill_epoch(teacher, student, weights, args.workers))

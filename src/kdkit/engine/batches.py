@@ -112,6 +112,14 @@ class Batches:
         if train and self.size < batch_size:
             raise KdkitError(f"the training set has {self.size} images, fewer than batch_size {batch_size}")
 
+    @classmethod
+    def of_stage(cls, stage: Any, task: Any, info: DistInfo, batch_size: int, train: bool) -> Batches:
+        """A stage's training data with its decode-time augmentation (:meth:`task.decoder`), if any."""
+        decode = task.decoder(stage.augment)
+        return cls(
+            stage.train_data, batch_size, info, train=train, num_workers=stage.num_workers, decode=decode
+        )
+
     def __len__(self) -> int:
         """Steps per epoch (training drops the last incomplete global batch)."""
         if self.train:

@@ -316,15 +316,7 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
             if cache is not None:
                 lines.append(f"stage '{stage.name}': {cache}")
             continue
-        decode = trainer.task.decoder(stage.augment)
-        batches = Batches(
-            stage.train_data,
-            stage.eval_batch_size,
-            trainer.info,
-            train=False,
-            num_workers=stage.num_workers,
-            decode=decode,
-        )
+        batches = Batches.of_stage(stage, trainer.task, trainer.info, stage.eval_batch_size, train=False)
         per_epoch = len(stage.train_data) // stage.batch_size
         epochs = stage.epochs if stage.epochs is not None else -(-stage.steps // per_epoch)
         augment = trainer.task.augmenter(stage.augment)

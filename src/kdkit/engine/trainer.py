@@ -254,15 +254,7 @@ class Trainer:
         model: nn.Module = self.distiller
         if self.info.active and optimizer is not None:
             model = DistributedDataParallel(self.distiller, find_unused_parameters=True)
-        decode = self.task.decoder(stage.augment)
-        train = Batches(
-            stage.train_data,
-            stage.batch_size,
-            self.info,
-            train=True,
-            num_workers=stage.num_workers,
-            decode=decode,
-        )
+        train = Batches.of_stage(stage, self.task, self.info, stage.batch_size, train=True)
         evals = Batches(
             stage.eval_data, stage.eval_batch_size, self.info, train=False, num_workers=stage.num_workers
         )

@@ -58,6 +58,16 @@ def augment_batch(
     return augment(to_device(images, device), to_device(labels, device), keys)
 
 
+def repeat_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """The dataset indices of a refined batch: a data refiner that appends copies ([x; x'], TST's
+    [x; x_hat]) keeps the order, so the indices repeat."""
+    if count % indices.numel():
+        raise KdkitError(
+            f"a refiner made a batch of {count} from {indices.numel()} images; expected a multiple"
+        )
+    return indices.repeat(count // indices.numel())
+
+
 def _collate(items: list[tuple[torch.Tensor, Any]], boxes: bool = False) -> tuple[Any, Any]:
     """Stack images and labels (class ids, masks, or with ``boxes`` detection targets ``[n, 5]``, padded
     to ``[b, M, 5]``); differently sized images stay lists (and their labels too)."""

@@ -287,6 +287,10 @@ class TeacherCache:
             self.replayed += 1
         return logits
 
+    def counts(self) -> dict[str, Any]:
+        """The stage's ``teacher_cache`` record: replayed and live steps and :meth:`summary`."""
+        return {"replayed_steps": self.replayed, "live_steps": self.live, "text": self.summary()}
+
     def summary(self) -> str:
         """One line: how the teacher's outputs of the stage came about (this process's steps)."""
         steps = self.replayed + self.live

@@ -19,7 +19,6 @@ lifetime (:mod:`kdkit.engine.rundir`).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import RuntimeConfig
 from ..data.augment import BatchAugment
 from ..errors import KdkitError
-from .batches import Batches, augment_batch, derive_seed
+from .batches import Batches, augment_batch, derive_seed, repeat_indices
 from .callbacks import Callback
 from .checkpoint import DiskFullError, atomic_write_json, is_disk_full, position
 from .distiller import Distiller
-from .distributed import DistInfo, all_mean, barrier
+from .distributed import DistInfo, barrier
 from .evaluate import autocast
 from .keeper import CheckpointKeeper, training_tensors
 from .refining import FrozenModels, Refining
@@ -45,22 +44,7 @@ from .stages import Stage, build_optimizer, select_parameters
 from .summary import run_summary
 from .tasks import ClassificationTask
 from .teacher_cache import TeacherCache
-
-
-class _Window:
-    """Sums of the loss and each term over the steps since the last log record."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.steps = 0
-        self.images = 0
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, images: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        self.steps += 1
-        self.images += images
-        for key, value in {"loss": loss.detach(), **parts}.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.float()
+from .trainlog import TrainWindow
 
 
 class Trainer:
@@ -269,7 +253,7 @@ class Trainer:
             cache = None
         self._train_mode()
         step = start_step
-        window = _Window()
+        window = TrainWindow()
         while step < total:
             epoch, offset = divmod(step, per_epoch)
             for images, labels, indices in train.epoch((seed, index, epoch), offset, indices=True):
@@ -288,7 +272,7 @@ class Trainer:
                 )
                 images = images.contiguous(memory_format=self.memory_format)
                 if optimizer is not None:
-                    indices = _repeat_indices(indices.to(self.device), images.shape[0])
+                    indices = repeat_indices(indices.to(self.device), images.shape[0])
                     refine = self.refining.feature_refine(stage.name, (seed, index, epoch, step), self.info)
                     replay = cache.replay(epoch, indices) if cache is not None else None
                     with autocast(self.device, self.runtime.precision):
@@ -310,7 +294,7 @@ class Trainer:
                 log_due = step % self.runtime.log_every == 0 or step == total or step % per_epoch == 0
                 if log_due and window.steps:
                     self._log_train(index, stage, step, per_epoch, lr, window)
-                    window = _Window()
+                    window = TrainWindow()
                 self._emit("on_step_end", stage, step)
                 eval_due = self._eval_due(stage, step, per_epoch, total, by_epochs)
                 every = self.runtime.checkpoint_every_steps
@@ -324,9 +308,7 @@ class Trainer:
                 if step >= total:
                     break
         if cache is not None:
-            record = {"kind": "teacher_cache", "stage": stage.name, "stage_index": index}
-            counts = {"replayed_steps": cache.replayed, "live_steps": cache.live}
-            self.log({**record, **counts, "text": cache.summary()})
+            self.log({"kind": "teacher_cache", "stage": stage.name, "stage_index": index, **cache.counts()})
         self._emit("on_stage_end", stage)
 
     def _refiner_phases(
@@ -401,21 +383,10 @@ class Trainer:
             )
 
     def _log_train(
-        self, index: int, stage: Stage, step: int, per_epoch: int, lr: float, window: _Window
+        self, index: int, stage: Stage, step: int, per_epoch: int, lr: float, window: TrainWindow
     ) -> None:
-        means = {key: all_mean(value / window.steps, self.info).item() for key, value in window.sums.items()}
-        self.log(
-            {
-                "kind": "train",
-                "stage": stage.name,
-                "stage_index": index,
-                "step": step,
-                "epoch": step / per_epoch,
-                "lr": lr,
-                **means,
-                "images_per_s": window.images / max(time.perf_counter() - window.started, 1e-9),
-            }
-        )
+        where = {"stage": stage.name, "stage_index": index, "step": step, "epoch": step / per_epoch, "lr": lr}
+        self.log({"kind": "train", **where, **window.means(self.info)})
 
     def _evaluate(self, index: int, stage: Stage, step: int, per_epoch: int, evals: Batches) -> None:
         result = self.task.evaluate(
@@ -436,13 +407,3 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The run's summary (:func:`~kdkit.engine.summary.run_summary`) from its records so far."""
         return run_summary(self.name, self.task.metric, self.history)
-
-
-def _repeat_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
-    """The dataset indices of a refined batch: a data refiner that appends copies ([x; x'], TST's
-    [x; x_hat]) keeps the order, so the indices repeat."""
-    if count % indices.numel():
-        raise KdkitError(
-            f"a refiner made a batch of {count} from {indices.numel()} images; expected a multiple"
-        )
-    return indices.repeat(count // indices.numel())

@@ -163,14 +163,11 @@ def encode_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def decode_topk(values: Tensor, classes: Tensor, lse: Tensor, num_classes: int) -> Tensor:
-    """Logits ``[B, C]``: the stored top-k, every other class at the ``c`` that keeps ``logsumexp = lse``."""
+    """Logits ``[B, C]``: the stored top-k (``k < C``), every other class at the ``c`` that keeps
+    ``logsumexp = lse``."""
     values = values.float()
-    k = values.shape[1]
-    if k == num_classes:
-        rest = torch.zeros_like(lse)
-    else:
-        left = 1 - torch.exp(values - lse[:, None]).sum(1)  # probability mass outside the top k
-        rest = lse + torch.log(left.clamp_min(1e-12)) - math.log(num_classes - k)
+    left = 1 - torch.exp(values - lse[:, None]).sum(1)  # probability mass outside the top k
+    rest = lse + torch.log(left.clamp_min(1e-12)) - math.log(num_classes - values.shape[1])
     out = rest[:, None].expand(-1, num_classes).clone()
     return out.scatter_(1, classes.long(), values)
 

@@ -63,7 +63,6 @@ class Distiller(nn.Module):
         self.stage = 0
         self._student_taps: Taps | None = None
         self._teacher_taps: Taps | None = None
-        self.last_teacher_logits: Tensor | None = None
 
     @staticmethod
     def term_key(stage: int, index: int, name: str) -> str:
@@ -120,13 +119,12 @@ class Distiller(nn.Module):
         ``indices`` are the samples' dataset indices (for terms with per-sample memories); ``refine``
         maps the teacher's taps to what the terms read (the run's feature refiners, without gradients).
         ``teacher_logits`` replays the teacher's logits (:mod:`~kdkit.engine.teacher_cache`) instead of
-        running it; a live teacher's logits are kept in :attr:`last_teacher_logits`."""
+        running it."""
         if self._student_taps is None:
             raise RuntimeError("call Distiller.setup(sample) before the first forward pass")
         terms = self.active_terms()
         teacher_out: dict[str, Tensor] = {}
         teacher_raw = None
-        self.last_teacher_logits = None
         if teacher_logits is not None:
             teacher_out = {LOGITS: teacher_logits.to(images.device)}
             teacher_raw = teacher_out[LOGITS]
@@ -134,7 +132,6 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 teacher_out = {k: v.float() for k, v in self._teacher_taps(images).items()}
                 teacher_raw = self._teacher_taps.output
-                self.last_teacher_logits = teacher_out.get(LOGITS)
                 if refine is not None:
                     teacher_out = refine(teacher_out)
         student_out = {k: v.float() for k, v in self._student_taps(images).items()}
@@ -156,6 +153,11 @@ class Distiller(nn.Module):
             parts.update({f"{wt.name}/{key}": stat for key, stat in wt.term.stats().items()})
             total = total + wt.weight * value
         return total, parts, student_out["logits"]
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        """The teacher's task output on ``images`` as float32, without gradients (what the cache stores)."""
+        return main_output(self.teacher(images)).float()  # type: ignore[misc]
 
     @torch.no_grad()
     def features(self, images: Tensor) -> StepView:

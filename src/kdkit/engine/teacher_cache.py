@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from ..data.base import cache_dir
 from ..errors import KdkitError
-from ..taps import main_output
 from ..terms.base import LOGITS
 from .batches import Batches, augment_batch
 from .evaluate import autocast
@@ -275,14 +274,17 @@ class TeacherCache:
             )
         arrays["filled"][idx] = 1
 
-    def replay(self, epoch: int, indices: Tensor) -> Tensor | None:
-        """:meth:`lookup`, counting the step as replayed or live (the teacher runs and fills the cache)."""
+    def teacher_logits(self, epoch: int, indices: Tensor, run_teacher: Callable[[], Tensor]) -> Tensor:
+        """The batch's teacher logits from the cache. On a miss the teacher runs (``run_teacher()``), its
+        logits are stored and read back, so the filling run trains on exactly what later runs replay
+        (with ``topk``, the decoded top-k). Counts the step as replayed or live."""
         logits = self.lookup(epoch, indices)
-        if logits is None:
-            self.live += 1
-        else:
+        if logits is not None:
             self.replayed += 1
-        return logits
+            return logits
+        self.live += 1
+        self.store(epoch, indices, run_teacher())
+        return self.lookup(epoch, indices)  # type: ignore[return-value]
 
     def counts(self) -> dict[str, Any]:
         """The stage's ``teacher_cache`` record: replayed and live steps and :meth:`summary`."""
@@ -310,7 +312,6 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
     the teacher at the run's precision, in batches of ``eval_batch_size`` split over the processes.
     Stored samples are skipped, so an interrupted fill continues. One line per stage."""
     lines = []
-    teacher = trainer.distiller.teacher
     for index, stage in enumerate(trainer.stages):
         cache = trainer.teacher_caches.get(index)
         if cache is None or isinstance(cache, str):
@@ -328,7 +329,9 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
                 seed_parts = (trainer.runtime.seed, index, epoch)
                 x, _ = augment_batch(augment, images, labels, idx, trainer.device, seed_parts)
                 with autocast(trainer.device, trainer.runtime.precision):
-                    logits = main_output(teacher(x.contiguous(memory_format=trainer.memory_format)))
+                    logits = trainer.distiller.teacher_logits(
+                        x.contiguous(memory_format=trainer.memory_format)
+                    )
                 cache.store(epoch, idx, logits)
             progress(f"stage '{stage.name}': epoch {epoch + 1}/{epochs} stored")
         lines.append(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,13 +275,14 @@ class Trainer:
                 if optimizer is not None:
                     indices = repeat_indices(indices.to(self.device), images.shape[0])
                     refine = self.refining.feature_refine(stage.name, (seed, index, epoch, step), self.info)
-                    replay = cache.replay(epoch, indices) if cache is not None else None
                     with autocast(self.device, self.runtime.precision):
+                        replay = None
+                        if cache is not None:
+                            run = partial(self.distiller.teacher_logits, images)
+                            replay = cache.teacher_logits(epoch, indices, run)
                         progress = step / per_epoch
                         loss, parts, _ = model(images, labels, epoch, progress, indices, refine, replay)
                     self._check_finite(loss, parts, index, stage, step, per_epoch)
-                    if cache is not None and replay is None:
-                        cache.store(epoch, indices, self.distiller.last_teacher_logits)
                 if self.keeper.pending is not None:
                     where = f"in the forward pass of step {step + 1} of stage '{stage.name}'"
                     where += f" (epoch {(step + 1) / per_epoch:.2f})"

@@ -242,12 +242,17 @@ class TeacherCache:
         arrays = self._arrays(epoch, create=False)
         return 0 if arrays is None else int(arrays["filled"].sum())
 
+    def stored(self, epoch: int, indices: Tensor) -> bool:
+        """Whether every sample of ``indices`` is stored for ``epoch`` (the flags only, nothing decoded)."""
+        arrays = self._arrays(epoch, create=False)
+        return arrays is not None and bool(arrays["filled"][indices.cpu().numpy()].all())
+
     def lookup(self, epoch: int, indices: Tensor) -> Tensor | None:
         """The stored logits ``[B, C]`` (fp32) of the samples ``indices``; ``None`` unless all are stored."""
-        arrays = self._arrays(epoch, create=False)
-        idx = indices.cpu().numpy()
-        if arrays is None or not arrays["filled"][idx].all():
+        if not self.stored(epoch, indices):
             return None
+        arrays = self._open[epoch]
+        idx = indices.cpu().numpy()
         if self.topk == 0:
             return torch.from_numpy(np.ascontiguousarray(arrays["logits"][idx]))
         return decode_topk(
@@ -324,7 +329,7 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
         augment = trainer.task.augmenter(stage.augment)
         for epoch in range(epochs):
             for images, labels, idx in batches.epoch((trainer.runtime.seed, index, epoch), indices=True):
-                if cache.lookup(epoch, idx) is not None:
+                if cache.stored(epoch, idx):
                     continue
                 seed_parts = (trainer.runtime.seed, index, epoch)
                 x, _ = augment_batch(augment, images, labels, idx, trainer.device, seed_parts)

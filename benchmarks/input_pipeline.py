@@ -3,7 +3,8 @@ DataLoader workers, against the training step it feeds, measured in one run.
 
 Data: ``--images`` JPEGs of 500x375 (ImageNet's typical size; smooth random content, about 30 KB each)
 in class folders, read by ``image_folder`` and cropped to 224 with ``data.augment.resized_crop`` + flip,
-batch 32. Step: torchvision ResNet-18 at 224x224, batch 32, SGD, at the run's default precision here
+batch 32; and the same with mixup/CutMix (each image decodes its partner too). Step: torchvision
+ResNet-18 at 224x224, batch 32, SGD, at the run's default precision here
 (``auto``: bf16 autocast where the CPU has it) with channels_last, and the same step with a frozen
 ResNet-34 teacher and KD. Whichever is slower bounds an epoch.
 Writes benchmarks/results/input_pipeline.md.
@@ -44,11 +45,19 @@ def write_images(root: Path, count: int) -> None:
         small.resize((500, 375), Image.BICUBIC).save(folder / f"{i}.jpg", quality=90)
 
 
-def pipeline_rate(root: Path, workers: int) -> float:
+def pipeline_rate(root: Path, workers: int, mixup: bool = False) -> float:
     data = build_dataset("image_folder", "train", root=str(root), mean=(0.5,) * 3, std=(0.25,) * 3)
-    config = AugmentConfig(resized_crop={"size": 224}, flip=True)
+    config = AugmentConfig(resized_crop={"size": 224}, flip=True, mixup={} if mixup else None)
     task = build_task("classification", data)
-    batches = Batches(data, BATCH, DistInfo(), train=True, num_workers=workers, decode=task.decoder(config))
+    batches = Batches(
+        data,
+        BATCH,
+        DistInfo(),
+        train=True,
+        num_workers=workers,
+        decode=task.decoder(config),
+        mixup=task.mixer(config),
+    )
     augment = task.augmenter(config)
     from kdkit.data.draws import sample_keys
 
@@ -102,10 +111,11 @@ def main() -> None:
         root = Path(tmp)
         write_images(root, args.images)
         rates = {w: pipeline_rate(root, w) for w in (0, 1, 2)}
+        mixed = {w: pipeline_rate(root, w, mixup=True) for w in (0, 2)}
     student, kd = step_rate(None, precision), step_rate("resnet34", precision)
     rows = [
         f"| pipeline, {w} worker{'s' if w != 1 else ''} | {r:.0f} | {r / kd:.1f} |" for w, r in rates.items()
-    ]
+    ] + [f"| pipeline + mixup/CutMix, {w} workers | {r:.0f} | {r / kd:.1f} |" for w, r in mixed.items()]
     lines = [
         f"# Input pipeline vs training step ({os.cpu_count()} CPU cores, {torch.get_num_threads()} threads)",
         "",

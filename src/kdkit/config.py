@@ -344,6 +344,7 @@ LATER_FIELDS: dict[tuple[str, ...], Any] = {
     ("data", "augment", "resized_crop"): None,
     ("data", "augment", "color_jitter"): None,
     ("data", "augment", "randaugment"): None,
+    ("data", "augment", "mixup"): None,
 }
 
 

@@ -43,6 +43,22 @@ class ResizedCropConfig(Strict):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
+class MixupConfig(Strict):
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) with a per-sample partner
+    (:mod:`kdkit.data.mixup`); the defaults are timm's ImageNet recipe. An alpha of 0 turns one off."""
+
+    mixup_alpha: float = Field(0.8, ge=0, description="Beta(alpha, alpha) of mixup's lambda; 0: off")
+    cutmix_alpha: float = Field(1.0, ge=0, description="Beta(alpha, alpha) of CutMix's lambda; 0: off")
+    prob: float = Field(1.0, ge=0, le=1, description="share of samples mixed")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="with both on: share mixed by CutMix")
+
+    @model_validator(mode="after")
+    def _one_on(self) -> MixupConfig:
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mixup_alpha and cutmix_alpha are both 0; set one, or remove data.augment.mixup")
+        return self
+
+
 class AugmentConfig(Strict):
     """Training augmentation. Classification: padded random crop + flip on the batch, or, with
     ``resized_crop`` / ``color_jitter`` / ``randaugment``, per image at decode time (ImageNet recipe;
@@ -65,6 +81,9 @@ class AugmentConfig(Strict):
     )
     randaugment: tuple[int, int] | None = Field(
         None, description="classification: RandAugment [num_ops, magnitude] per image at decode time"
+    )
+    mixup: MixupConfig | None = Field(
+        None, description="classification: mixup/CutMix with a per-sample partner (soft-label targets)"
     )
 
     @property

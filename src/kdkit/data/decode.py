@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .mixup import Mixup
+
 
 class DecodeAugment:
     """``augment(image uint8 [3,H,W], key) -> uint8 [3,S,S]`` (``S``: the resized crop's size)."""
@@ -40,16 +42,30 @@ class DecodeAugment:
 
 
 class Decoded(Dataset):
-    """``dataset`` whose items are ``(index, key)`` pairs: sample ``index`` decoded and augmented with
-    ``key`` (what :class:`~kdkit.engine.batches.Batches` feeds its DataLoader when augmenting at decode)."""
+    """``dataset`` whose items are ``(index, key, pair)``: sample ``index`` decoded and augmented with
+    ``key`` (as it is without ``augment``), and with ``pair = (partner, partner key, draws)`` mixed with
+    its partner by ``mixup`` (:mod:`kdkit.data.mixup`); what :class:`~kdkit.engine.batches.Batches`
+    feeds its DataLoader when it augments or mixes at decode."""
 
-    def __init__(self, dataset: Dataset, augment: DecodeAugment) -> None:
-        self.dataset, self.augment = dataset, augment
+    def __init__(self, dataset: Dataset, augment: DecodeAugment | None, mixup: Mixup | None = None) -> None:
+        self.dataset, self.augment, self.mixup = dataset, augment, mixup
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Any]:
-        index, key = item
+    def load(self, index: int, key: int) -> tuple[Tensor, Any]:
         image, label = self.dataset[index]
-        return self.augment(image, key), label
+        return (image if self.augment is None else self.augment(image, key)), label
+
+    def __getitem__(self, item: tuple[int, int, Any]) -> tuple[Tensor, Any]:
+        index, key, pair = item
+        image, label = self.load(index, key)
+        if pair is None:
+            return image, label
+        assert self.mixup is not None
+        partner, partner_key, draws = pair
+        other, other_label = self.load(partner, partner_key)
+        images, targets = self.mixup.mix(
+            image[None], other[None], torch.as_tensor([label]), torch.as_tensor([other_label]), draws
+        )
+        return images[0], targets[0]

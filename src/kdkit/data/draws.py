@@ -24,11 +24,17 @@ class SampleKeys:
     indices: Tensor
 
     def uniform(self, count: int) -> Tensor:
-        """``[B, count]`` float64 uniforms in [0, 1): sample ``j``'s first ``count`` draws (53 bits each)."""
+        """``[B, count]`` float64 uniforms in [0, 1): sample ``j``'s first ``count`` draws (53 bits each;
+        past 8 draws, blocks of 8 from the hash of ``(*base, i, block)``)."""
         rows = []
         for index in self.indices.tolist():
-            digest = hashlib.blake2b(repr((*self.base, int(index))).encode(), digest_size=8 * count).digest()
-            rows.append([int.from_bytes(digest[8 * k : 8 * k + 8], "little") >> 11 for k in range(count)])
+            row: list[int] = []
+            for block in range(-(-count // 8)):
+                n = min(count - 8 * block, 8)
+                key = (*self.base, int(index)) if block == 0 else (*self.base, int(index), block)
+                digest = hashlib.blake2b(repr(key).encode(), digest_size=8 * n).digest()
+                row += [int.from_bytes(digest[8 * k : 8 * k + 8], "little") >> 11 for k in range(n)]
+            rows.append(row)
         return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), count) / float(1 << 53)
 
     def seeds(self) -> list[int]:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.decode import DecodeAugment, Decoded
 from ..data.det_base import pad_targets
 from ..data.draws import sample_keys
+from ..data.mixup import Mixup
 from ..errors import KdkitError
 from .distributed import DistInfo
 
@@ -93,7 +94,9 @@ class Batches:
     In-memory datasets (``dataset.in_memory``) are indexed directly; others go through a
     ``DataLoader`` whose workers decode images, fed with the same precomputed index lists. With
     ``decode`` (:class:`~kdkit.data.decode.DecodeAugment`) every image is augmented as it is decoded,
-    seeded by its sample's key ``("decode", *epoch_seed, index)``.
+    seeded by its sample's key ``("decode", *epoch_seed, index)``. With ``mixup``
+    (:class:`~kdkit.data.mixup.Mixup`) every image is then mixed with its partner's (drawn from
+    ``("mixup", *epoch_seed, index)``): images become [0, 1] floats and labels class probabilities.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Batches:
         train: bool,
         num_workers: int = 0,
         decode: DecodeAugment | None = None,
+        mixup: Mixup | None = None,
     ) -> None:
         if batch_size % info.world:
             raise KdkitError(
@@ -118,16 +122,23 @@ class Batches:
         self.train = train
         self.num_workers = num_workers
         self.decode = decode
+        self.mixup = mixup
         self.size = len(dataset)  # type: ignore[arg-type]
         if train and self.size < batch_size:
             raise KdkitError(f"the training set has {self.size} images, fewer than batch_size {batch_size}")
 
     @classmethod
     def of_stage(cls, stage: Any, task: Any, info: DistInfo, batch_size: int, train: bool) -> Batches:
-        """A stage's training data with its decode-time augmentation (:meth:`task.decoder`), if any."""
-        decode = task.decoder(stage.augment)
+        """A stage's training data with its decode-time augmentation (:meth:`task.decoder`) and its
+        mixup/CutMix (:meth:`task.mixer`), if any."""
         return cls(
-            stage.train_data, batch_size, info, train=train, num_workers=stage.num_workers, decode=decode
+            stage.train_data,
+            batch_size,
+            info,
+            train=train,
+            num_workers=stage.num_workers,
+            decode=task.decoder(stage.augment),
+            mixup=task.mixer(stage.augment),
         )
 
     def __len__(self) -> int:
@@ -167,25 +178,66 @@ class Batches:
         if self.train and hasattr(self.dataset, "for_epoch"):
             self.dataset.for_epoch(epoch_seed)
         index_lists = self._index_lists(epoch_seed, start_step)
-        decode = self.decode
-        keys = [sample_keys(idx, "decode", *epoch_seed).seeds() if decode else [] for idx in index_lists]
+        decode, mixup = self.decode, self.mixup
         if getattr(self.dataset, "in_memory", False):
             images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]
-            for idx, seeds in zip(index_lists, keys):
+
+            def load(idx: torch.Tensor) -> torch.Tensor:
                 if decode is None:
-                    yield images[idx], labels[idx], idx
-                else:
-                    yield torch.stack([decode(images[i], k) for i, k in zip(idx, seeds)]), labels[idx], idx
+                    return images[idx]
+                seeds = sample_keys(idx, "decode", *epoch_seed).seeds()
+                return torch.stack([decode(images[i], k) for i, k in zip(idx, seeds)])
+
+            for idx in index_lists:
+                if mixup is None:
+                    yield load(idx), labels[idx], idx
+                    continue
+                d = mixup.draw(sample_keys(idx, "mixup", *epoch_seed), self.size)
+                mixed = mixup.mix(load(idx), load(d.partner), labels[idx], labels[d.partner], d)
+                yield (*mixed, idx)
             return
+        plain = decode is None and mixup is None
         loader = DataLoader(
-            self.dataset if decode is None else Decoded(self.dataset, decode),
-            batch_sampler=[
-                idx.tolist() if decode is None else list(zip(idx.tolist(), seeds))
-                for idx, seeds in zip(index_lists, keys)
-            ],
+            self.dataset if plain else Decoded(self.dataset, decode, mixup),
+            batch_sampler=[idx.tolist() for idx in index_lists]
+            if plain
+            else _LazyItems(index_lists, epoch_seed, self.size, decode is not None, mixup),
             num_workers=self.num_workers,
             collate_fn=partial(_collate, boxes=getattr(self.dataset, "task", None) == "detection"),
             persistent_workers=False,
         )
         for idx, (images, labels) in zip(index_lists, loader):
             yield images, labels, idx
+
+
+class _LazyItems:
+    """The :class:`~kdkit.data.decode.Decoded` items ``(index, key, pair)`` of each batch, made as the
+    DataLoader asks for them (drawing a whole epoch's keys and mixup partners up front would stall the
+    first step of a large dataset)."""
+
+    def __init__(
+        self,
+        index_lists: list[torch.Tensor],
+        epoch_seed: tuple[object, ...],
+        size: int,
+        decode: bool,
+        mixup: Mixup | None,
+    ) -> None:
+        self.index_lists, self.epoch_seed, self.size = index_lists, epoch_seed, size
+        self.decode, self.mixup = decode, mixup
+
+    def __len__(self) -> int:
+        return len(self.index_lists)
+
+    def _seeds(self, idx: torch.Tensor) -> list[int]:
+        return sample_keys(idx, "decode", *self.epoch_seed).seeds() if self.decode else [0] * len(idx)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, Any]]]:
+        for idx in self.index_lists:
+            seeds = self._seeds(idx)
+            if self.mixup is None:
+                yield [(i, k, None) for i, k in zip(idx.tolist(), seeds)]
+                continue
+            d = self.mixup.draw(sample_keys(idx, "mixup", *self.epoch_seed), self.size)
+            pairs = zip(d.partner.tolist(), self._seeds(d.partner), (d.row(j) for j in range(len(idx))))
+            yield [(i, k, pair) for i, k, pair in zip(idx.tolist(), seeds, pairs)]

@@ -18,6 +18,7 @@ from ..data.augment import BatchAugment
 from ..data.decode import DecodeAugment
 from ..data.det_augment import DetectionAugment
 from ..data.draws import SampleKeys
+from ..data.mixup import Mixup
 from ..data.seg_augment import SegmentationAugment
 from ..errors import KdkitError
 from .batches import Batches
@@ -62,6 +63,13 @@ class ClassificationTask:
         """The augmentation applied to each image as it is decoded, if the config asks for one."""
         return DecodeAugment(config) if config.at_decode else None
 
+    def mixer(self, config: AugmentConfig) -> Mixup | None:
+        """Mixup/CutMix of training images with per-sample partners, if the config asks for it."""
+        if config.mixup is None:
+            return None
+        m = config.mixup
+        return Mixup(self.num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob)
+
     def evaluate(
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
     ) -> dict[str, Any]:
@@ -93,12 +101,15 @@ class SegmentationTask(ClassificationTask):
         self.ignore_index = ignore_index
 
     def decoder(self, config: AugmentConfig) -> DecodeAugment | None:
-        if config.at_decode:
+        if config.at_decode or config.mixup is not None:
             raise KdkitError(
-                f"data.augment.resized_crop, color_jitter and randaugment are classification options; "
-                f"remove them from this {self.name} run"
+                f"data.augment.resized_crop, color_jitter, randaugment and mixup are classification "
+                f"options; remove them from this {self.name} run"
             )
         return None
+
+    def mixer(self, config: AugmentConfig) -> None:
+        self.decoder(config)
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
         # (images, masks, keys) -> batch: already the Augmenter signature
@@ -121,6 +132,7 @@ class DetectionTask(ClassificationTask):
     name = "detection"
     metric = "map"
     decoder = SegmentationTask.decoder
+    mixer = SegmentationTask.mixer
 
     def __init__(
         self,

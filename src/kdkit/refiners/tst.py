@@ -78,7 +78,11 @@ def logistic(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 
 def anti_ce(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """``CE(1 - p, y) = -log(1 - p_y)`` (Eq. 2's student part), computed as
-    ``logsumexp(z) - logsumexp(z without z_y)``; mean over labelled samples (or pixels)."""
+    ``logsumexp(z) - logsumexp(z without z_y)``; mean over labelled samples (or pixels). Soft targets
+    ``q`` ``(B, C)`` (mixup/CutMix) give ``-sum_c q_c log(1 - p_c)``, the same reading per class."""
+    if labels.is_floating_point():
+        log_rest = torch.log1p(-logits.float().softmax(1).clamp(max=1 - 1e-6))
+        return -(labels * log_rest).sum(1).mean()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     others = logits.scatter(1, safe.unsqueeze(1), float("-inf"))

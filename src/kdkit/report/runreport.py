@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from ..data.mixup import Mixup
 from ..engine.checkpoint import atomic_write_text
 from ..engine.summary import EXTRAS
 from ..engine.tasks import METRIC_LABELS
@@ -90,6 +91,8 @@ def describe_augment(augment: dict[str, Any], task: str = "classification") -> s
         parts.append("colour jitter {:g}/{:g}/{:g}".format(*augment["color_jitter"]))
     if augment.get("randaugment"):
         parts.append("RandAugment ({} ops, magnitude {})".format(*augment["randaugment"]))
+    if augment.get("mixup"):
+        parts.append(Mixup(0, **augment["mixup"]).describe())
     return " + ".join(parts) or "none"
 
 

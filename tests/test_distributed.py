@@ -59,7 +59,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         "student": {"name": "resnet8"},
         "terms": [{"name": "ce"}, {"name": "kd", "temperature": 4}],
         "stages": [{"epochs": 2, "optimizer": {"lr": 0.05}, "schedule": {"name": "cosine"}}],
-        "runtime": {"progress": False, "deterministic": True, "log_every": 1},
+        # NCHW: the tolerances above were measured in it; in channels_last the convolutions of a
+        # 16-image and a 32-image batch round differently again (3.2e-3 in a BN mean, measured)
+        "runtime": {"progress": False, "deterministic": True, "log_every": 1, "channels_last": False},
     }
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -245,7 +245,9 @@ class RuntimeConfig(Strict):
         "(available CPUs less the load average, shared among torchrun's local processes)",
     )
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the device computes it natively
-    channels_last: bool = False
+    channels_last: bool = Field(
+        True, description="NHWC memory for the models and batches (0.54-0.89x a step's time on the CPU)"
+    )
     compile: bool = False
     deterministic: bool = False
     sync_batchnorm: bool = Field(True, description="under torchrun, batch norm over the global batch")

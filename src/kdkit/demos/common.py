@@ -41,6 +41,8 @@ def _fingerprint(config: RunConfig) -> str:
     for key in ("out_dir", "progress", "teacher_cache"):  # none of them changes what the teacher learns
         data["runtime"].pop(key, None)
     without_later_defaults(data)  # a new config field does not make every cached teacher a stranger
+    data["runtime"]["channels_last"] = False  # the memory layout moves float rounding only (and its
+    # default changed): teachers cached under either layout stay found
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,14 +1,16 @@
 """kdkit vs torchdistill (PyPI) on the same KD job: one epoch, epoch time as ratios measured in one run.
 
-The job, for both: the same 5,120 embedded 32x32 training images (10 classes), the same networks (kdkit's
+The job, for both: the same embedded 32x32 training images (10 classes; 5,120 for the small pair, 1,280 for
+the large one), the same networks (kdkit's
 CIFAR ResNets: ResNet-20 -> ResNet-8 and ResNet-32x4 -> ResNet-8x4, random teacher weights: the time
 does not depend on them), batch 64, SGD lr 0.05 momentum 0.9, random crop (padding 4) + flip, loss
 0.1 CE + 0.9 T^2 KL at T 4 (kdkit: ``ce`` 0.1 + ``kd`` 0.9; torchdistill: ``KDLoss`` alpha 0.1).
 Each framework runs its own way:
 
 - kdkit: ``train_from_config`` (in-memory batches, augmentation on the batch tensor, the Distiller's
-  taps), at its default precision (``runtime.precision: fp32``) and at ``auto`` (bf16 autocast on this
-  CPU, what the demos use); evaluation excluded (training windows of ``metrics.jsonl``).
+  taps) with its defaults (``precision: fp32``, ``channels_last: true``), at fp32 in torchdistill's
+  layout (``channels_last: false``), and with a warm teacher-output cache (the run after one that
+  filled it); evaluation excluded (training windows of ``metrics.jsonl``).
 - torchdistill 1.x: ``DistillationBox`` from a config in its documented format (``WeightedSumLoss`` with a
   ``KDLoss`` sub-term, frozen teacher, ``forward_batch_only``), its CIFAR pipeline (PIL images,
   ``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` in DataLoader workers;
@@ -41,11 +43,10 @@ from kdkit.config import load_config
 from kdkit.data import build_dataset
 from kdkit.models import build_model, load_weights
 
-PAIRS = {
-    "ResNet-20 -> ResNet-8": ("resnet20", "resnet8"),
-    "ResNet-32x4 -> ResNet-8x4": ("resnet32x4", "resnet8x4"),
+PAIRS = {  # pair, training images (fewer for the slow pair: the ratio does not depend on the count)
+    "ResNet-20 -> ResNet-8": (("resnet20", "resnet8"), 5120),
+    "ResNet-32x4 -> ResNet-8x4": (("resnet32x4", "resnet8x4"), 1280),
 }
-TRAIN = 5120
 BATCH = 64
 
 
@@ -71,10 +72,12 @@ class PilImages(Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
-def torchdistill_epoch(teacher_name: str, student_name: str, weights: Path, workers: int) -> float:
+def torchdistill_epoch(
+    teacher_name: str, student_name: str, weights: Path, workers: int, train: int
+) -> float:
     from torchdistill.core.distillation import get_distillation_box
 
-    data = build_dataset("embedded", "train", train_size=TRAIN, test_size=64)
+    data = build_dataset("embedded", "train", train_size=train, test_size=64)
     dataset = PilImages(data.images, data.labels, data.mean, data.std)
     torch.manual_seed(0)
     teacher = build_model(teacher_name, num_classes=10)
@@ -117,29 +120,34 @@ def torchdistill_epoch(teacher_name: str, student_name: str, weights: Path, work
     return time.perf_counter() - start
 
 
-def kdkit_epoch(tmp: Path, teacher: str, student: str, weights: Path, precision: str, name: str) -> float:
+def kdkit_epoch(tmp: Path, pair: tuple[str, str], weights: Path, train: int, name: str, **runtime) -> float:
+    """One kdkit KD epoch (training windows of ``metrics.jsonl``, evaluation excluded)."""
+    teacher, student = pair
     config = load_config(
         base={
             "name": name,
             "data": {
                 "name": "embedded",
-                "params": {"train_size": TRAIN, "test_size": 64},
+                "params": {"train_size": train, "test_size": 64},
                 "batch_size": BATCH,
             },
             "teacher": {"name": teacher, "weights": str(weights)},
             "student": {"name": student},
             "terms": [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9, "temperature": 4}],
             "stages": [{"epochs": 1, "optimizer": {"lr": 0.05}}],
-            "runtime": {
-                "out_dir": str(tmp / "runs"),
-                "progress": False,
-                "precision": precision,
-                "log_every": 10,
-            },
+            "runtime": {"out_dir": str(tmp / "runs"), "progress": False, "log_every": 5, **runtime},
         }
     )
     train_from_config(config)
     return epoch_seconds(tmp / "runs" / name, BATCH)
+
+
+# (column, kdkit runtime settings); "cached" runs after a run that filled the same cache (not timed)
+KDKIT = {
+    "default": {},
+    "fp32 NCHW": {"channels_last": False},
+    "cached": {"teacher_cache": {"enabled": True}},
+}
 
 
 def main() -> None:
@@ -150,32 +158,48 @@ def main() -> None:
     args = parser.parse_args()
     import torchdistill
 
+    from kdkit.engine.evaluate import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
     lines = [
         f"# kdkit vs torchdistill {torchdistill.__version__}: a KD epoch ({torch.get_num_threads()} threads)",
         "",
-        f"{TRAIN} images 32x32, batch {BATCH}, 0.1 CE + 0.9 KD (T 4); median of {args.rounds} interleaved "
-        f"rounds; torchdistill with {args.workers} DataLoader workers.",
+        f"Batch {BATCH}, 0.1 CE + 0.9 KD (T 4), one epoch (images per pair below); median of "
+        f"{args.rounds} interleaved rounds; torchdistill with {args.workers} DataLoader workers, fp32 "
+        f"(its only precision without an accelerator). kdkit's default: `precision: fp32`, "
+        f"`channels_last: true` (`precision: auto` resolves to {auto} on this CPU). "
+        "`cached`: the same kdkit job run again with `runtime.teacher_cache.enabled` after a run that "
+        "filled the cache (another student, term or method on the same teacher and data).",
         "",
-        "| pair | torchdistill fp32 (s) | kdkit fp32 (s) | kdkit auto/bf16 (s) | torchdistill / kdkit fp32 "
-        "| torchdistill / kdkit default-demo (auto) |",
-        "|---|---|---|---|---|---|",
+        "| pair | images | torchdistill (s) | kdkit default (s) | kdkit fp32 NCHW (s) | kdkit cached (s) "
+        "| torchdistill / kdkit default | torchdistill / kdkit fp32 NCHW | torchdistill / kdkit cached |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    per_round = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for label, (teacher, student) in PAIRS.items():
-            weights = random_teacher(tmp, teacher)
-            times: dict[str, list[float]] = {"td": [], "fp32": [], "auto": []}
+        for label, (pair, train) in PAIRS.items():
+            weights = random_teacher(tmp, pair[0])
+            times: dict[str, list[float]] = {"td": [], **{k: [] for k in KDKIT}}
             for r in range(args.rounds):
-                times["td"].append(torchdistill_epoch(teacher, student, weights, args.workers))
-                for precision in ("fp32", "auto"):
-                    name = f"{teacher}-{precision}-{r}"
-                    times[precision].append(kdkit_epoch(tmp, teacher, student, weights, precision, name))
+                times["td"].append(torchdistill_epoch(*pair, weights, args.workers, train))
+                for column, runtime in KDKIT.items():
+                    if column == "cached":
+                        runtime = {"teacher_cache": {"enabled": True, "dir": str(tmp / f"cache-{r}")}}
+                        kdkit_epoch(tmp, pair, weights, train, f"{pair[0]}-fill-{r}", **runtime)
+                    name = f"{pair[0]}-{column.replace(' ', '-')}-{r}"
+                    times[column].append(kdkit_epoch(tmp, pair, weights, train, name, **runtime))
                 print(label, {k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
-            td, fp32, auto = (statistics.median(times[k]) for k in ("td", "fp32", "auto"))
+            td, default, nchw, cached = (statistics.median(v) for v in times.values())
             lines.append(
-                f"| {label} | {td:.2f} | {fp32:.2f} | {auto:.2f} | {td / fp32:.2f} | {td / auto:.2f} |"
+                f"| {label} | {train} | {td:.2f} | {default:.2f} | {nchw:.2f} | {cached:.2f} "
+                f"| {td / default:.2f} | {td / nchw:.2f} | {td / cached:.2f} |"
             )
-    write_table(args.out, [*lines, ""])
+            per_round.append(
+                f"- {label}: "
+                + "; ".join(f"{k} {' / '.join(f'{t:.2f}' for t in v)}" for k, v in times.items())
+            )
+    write_table(args.out, [*lines, "", "Per round (s):", "", *per_round, ""])
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ class RuntimeConfig(Strict):
     )
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the device computes it natively
     channels_last: bool = Field(
-        True, description="NHWC memory for the models and batches (0.54-0.89x a step's time on the CPU)"
+        True, description="NHWC memory for the models and batches (0.71-1.02x an NCHW step's time on the CPU)"
     )
     compile: bool = False
     deterministic: bool = False

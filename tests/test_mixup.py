@@ -174,3 +174,20 @@ def test_a_dkd_run_with_mixup_replays_its_cached_teacher(tmp_path):
         r for r in map(json.loads, (tmp_path / "runs" / "live" / "metrics.jsonl").open()) if "loss" in r
     ]
     assert losses and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
+
+
+def test_tst_anti_ce_of_one_hot_targets_equals_the_class_id_form():
+    from kdkit.refiners.tst import anti_ce
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    hard = anti_ce(logits, labels, 255)
+    assert torch.allclose(anti_ce(logits, torch.eye(3)[labels], 255), hard, atol=1e-6)
+    # a 50/50 target: the mean of -log(1 - p_c) over the two classes, by hand
+    p = logits.softmax(1)
+    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    expected = (
+        -(0.5 * torch.log(1 - p[0, 0]) + 0.5 * torch.log(1 - p[0, 1]))
+        - (0.5 * torch.log(1 - p[1, 1]) + 0.5 * torch.log(1 - p[1, 2]))
+    ) / 2
+    assert torch.allclose(anti_ce(logits, soft, 255), expected, atol=1e-6)

@@ -161,23 +161,35 @@ class Batches:
         ]
 
     def epoch(
-        self, epoch_seed: tuple[object, ...] = (), start_step: int = 0, indices: bool = False
+        self,
+        epoch_seed: tuple[object, ...] = (),
+        start_step: int = 0,
+        indices: bool = False,
+        skip: Callable[[torch.Tensor], bool] | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """This process's batches of one epoch, ``(images, labels)``, or ``(images, labels, idx)`` with
-        ``indices`` (the samples' dataset indices). A training dataset with ``for_epoch(epoch_seed)``
+        ``indices`` (the samples' dataset indices); batches whose indices ``skip`` accepts are left out
+        before anything is loaded. A training dataset with ``for_epoch(epoch_seed)``
         (e.g. :class:`~kdkit.data.mixing.MixedDataset`) is told the epoch first, so it may redraw
         its content from the same seed."""
-        batches = self._batches(epoch_seed, start_step)
+        batches = self._batches(epoch_seed, start_step, skip)
         if not indices:
             for images, labels, _ in batches:
                 yield images, labels
             return
         yield from batches
 
-    def _batches(self, epoch_seed: tuple[object, ...], start_step: int) -> Iterator[tuple[Any, ...]]:
+    def _batches(
+        self,
+        epoch_seed: tuple[object, ...],
+        start_step: int,
+        skip: Callable[[torch.Tensor], bool] | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
         if self.train and hasattr(self.dataset, "for_epoch"):
             self.dataset.for_epoch(epoch_seed)
         index_lists = self._index_lists(epoch_seed, start_step)
+        if skip is not None:
+            index_lists = [idx for idx in index_lists if not skip(idx)]
         decode, mixup = self.decode, self.mixup
         if getattr(self.dataset, "in_memory", False):
             images, labels = self.dataset.images, self.dataset.labels  # type: ignore[attr-defined]

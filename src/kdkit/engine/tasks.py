@@ -65,10 +65,7 @@ class ClassificationTask:
 
     def mixer(self, config: AugmentConfig) -> Mixup | None:
         """Mixup/CutMix of training images with per-sample partners, if the config asks for it."""
-        if config.mixup is None:
-            return None
-        m = config.mixup
-        return Mixup(self.num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob)
+        return None if config.mixup is None else Mixup(self.num_classes, **config.mixup.model_dump())
 
     def evaluate(
         self, model: nn.Module, batches: Batches, prepare, device: torch.device, precision: str
@@ -100,16 +97,15 @@ class SegmentationTask(ClassificationTask):
         self.metric = self.evaluation.metric
         self.ignore_index = ignore_index
 
-    def decoder(self, config: AugmentConfig) -> DecodeAugment | None:
+    def decoder(self, config: AugmentConfig) -> None:
+        """None: refuses the classification-only options (decode-time augmentation, mixup)."""
         if config.at_decode or config.mixup is not None:
             raise KdkitError(
                 f"data.augment.resized_crop, color_jitter, randaugment and mixup are classification "
                 f"options; remove them from this {self.name} run"
             )
-        return None
 
-    def mixer(self, config: AugmentConfig) -> None:
-        self.decoder(config)
+    mixer = decoder
 
     def augmenter(self, config: AugmentConfig) -> Augmenter:
         # (images, masks, keys) -> batch: already the Augmenter signature

@@ -29,6 +29,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,9 +250,9 @@ class TeacherCache:
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor | None:
         """The stored logits ``[B, C]`` (fp32) of the samples ``indices``; ``None`` unless all are stored."""
-        if not self.stored(epoch, indices):
+        arrays = self._arrays(epoch, create=False)
+        if arrays is None or not self.stored(epoch, indices):
             return None
-        arrays = self._open[epoch]
         idx = indices.cpu().numpy()
         if self.topk == 0:
             return torch.from_numpy(np.ascontiguousarray(arrays["logits"][idx]))
@@ -328,10 +329,9 @@ def fill(trainer: Any, progress: Callable[[str], None] = print) -> list[str]:
         epochs = stage.epochs if stage.epochs is not None else -(-stage.steps // per_epoch)
         augment = trainer.task.augmenter(stage.augment)
         for epoch in range(epochs):
-            for images, labels, idx in batches.epoch((trainer.runtime.seed, index, epoch), indices=True):
-                if cache.stored(epoch, idx):
-                    continue
-                seed_parts = (trainer.runtime.seed, index, epoch)
+            seed_parts = (trainer.runtime.seed, index, epoch)
+            stored = partial(cache.stored, epoch)  # stored batches are not even loaded
+            for images, labels, idx in batches.epoch(seed_parts, indices=True, skip=stored):
                 x, _ = augment_batch(augment, images, labels, idx, trainer.device, seed_parts)
                 with autocast(trainer.device, trainer.runtime.precision):
                     logits = trainer.distiller.teacher_logits(
